@@ -1,0 +1,1 @@
+"""Anytime reasoning with Budget Relative Policy Optimization: the method as pure functions."""

@@ -1,0 +1,1 @@
+"""Language models: the decoder, named configs, checkpoint import, tokenizers, sharding."""

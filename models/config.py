@@ -1,0 +1,97 @@
+"""Model configurations: one frozen dataclass covers the Llama and Qwen2 decoder families.
+
+Named configs are looked up with `get_config(name, **overrides)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a decoder-only transformer (RMSNorm, RoPE, GQA, SwiGLU)."""
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10_000.0
+  rms_eps: float = 1e-6
+  qkv_bias: bool = False  # Qwen2 has biases on the q, k and v projections.
+  tie_embeddings: bool = False  # Output projection = input embedding transposed.
+  max_seq_len: int = 4096
+  dtype: str = "float32"  # Compute dtype of activations and matmuls.
+  param_dtype: str = "float32"  # Storage dtype of the parameters.
+  family: str = "llama"  # "llama" or "qwen2": only informational (import picks tensor names).
+
+  def __post_init__(self):
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+    for f in ("dtype", "param_dtype"):
+      if getattr(self, f) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{f}={getattr(self, f)!r}: expected float32, bfloat16 or float16")
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def n_params(self) -> int:
+    d, h, k, dh, f, v = (self.d_model, self.n_heads, self.n_kv_heads, self.head_dim,
+                         self.mlp_dim, self.vocab_size)
+    per_layer = d * h * dh * 2 + d * k * dh * 2 + 3 * d * f + 2 * d
+    if self.qkv_bias:
+      per_layer += (h + 2 * k) * dh
+    return v * d * (1 if self.tie_embeddings else 2) + self.n_layers * per_layer + d
+
+  def flops_per_token(self, context: int = 0) -> float:
+    """Forward matmul FLOPs for one token attending to `context` keys (2 per multiply-add)."""
+    d, h, k, dh, f = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.mlp_dim
+    per_layer = 2 * (d * h * dh * 2 + d * k * dh * 2 + 3 * d * f) + 2 * 2 * h * dh * context
+    return self.n_layers * per_layer + 2 * d * self.vocab_size
+
+
+CONFIGS: dict[str, ModelConfig] = {
+    # A small model for CPU tests and the embedded default run; vocab_size is replaced by the
+    # tokenizer's size when the tiny task builds it.
+    "tiny": ModelConfig(
+        vocab_size=128, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32,
+        mlp_dim=512, rope_theta=10_000.0, rms_eps=1e-6, tie_embeddings=True, max_seq_len=2048),
+    # HuggingFaceTB/SmolLM2-135M-Instruct.
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+        mlp_dim=1536, rope_theta=100_000.0, rms_eps=1e-5, tie_embeddings=True,
+        max_seq_len=8192, family="llama"),
+    # Qwen/Qwen2.5-1.5B(-Instruct).
+    "qwen2.5-1.5b": ModelConfig(
+        vocab_size=151936, d_model=1536, n_layers=28, n_heads=12, n_kv_heads=2, head_dim=128,
+        mlp_dim=8960, rope_theta=1_000_000.0, rms_eps=1e-6, qkv_bias=True, tie_embeddings=True,
+        max_seq_len=32768, family="qwen2"),
+    # deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B (the paper's model; Qwen2.5-Math-1.5B based).
+    "deepseek-r1-distill-qwen-1.5b": ModelConfig(
+        vocab_size=151936, d_model=1536, n_layers=28, n_heads=12, n_kv_heads=2, head_dim=128,
+        mlp_dim=8960, rope_theta=10_000.0, rms_eps=1e-6, qkv_bias=True, tie_embeddings=False,
+        max_seq_len=131072, family="qwen2"),
+    # Qwen/Qwen2.5-7B(-Instruct).
+    "qwen2.5-7b": ModelConfig(
+        vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128,
+        mlp_dim=18944, rope_theta=1_000_000.0, rms_eps=1e-6, qkv_bias=True, tie_embeddings=False,
+        max_seq_len=32768, family="qwen2"),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+  """Returns the named config with `overrides` applied (e.g. dtype="bfloat16")."""
+  if name not in CONFIGS:
+    raise ValueError(f"unknown model config {name!r}; known: {', '.join(sorted(CONFIGS))}")
+  return CONFIGS[name].replace(**overrides) if overrides else CONFIGS[name]

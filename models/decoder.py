@@ -1,0 +1,245 @@
+"""A decoder-only transformer (Llama / Qwen2) as pure functions over a parameter pytree.
+
+The layer stack is written once, in `decoder`, with attention passed in as a function: full
+masked self-attention for training, cache writes for prefill and decode, and the shared-trunk
+branch attention of `brpo.anytime`. Shapes: B batch, T tokens, D d_model, H heads, K kv heads,
+Dh head_dim, F mlp_dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+
+Params = dict[str, Any]
+NEG_INF = -1e30  # Finite, so a fully masked (padding) row gives a uniform softmax, not NaN.
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters.
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+  """Logical axis names of every parameter, same tree as `init_params` (see models.sharding)."""
+  layer = {
+      "attn_norm": ("embed",),
+      "wq": ("embed", "heads", "head_dim"),
+      "wk": ("embed", "kv_heads", "head_dim"),
+      "wv": ("embed", "kv_heads", "head_dim"),
+      "wo": ("heads", "head_dim", "embed"),
+      "mlp_norm": ("embed",),
+      "w_gate": ("embed", "mlp"),
+      "w_up": ("embed", "mlp"),
+      "w_down": ("mlp", "embed"),
+  }
+  if cfg.qkv_bias:
+    layer.update(bq=("heads", "head_dim"), bk=("kv_heads", "head_dim"),
+                 bv=("kv_heads", "head_dim"))
+  axes = {"embed": ("vocab", "embed"), "layers": [dict(layer) for _ in range(cfg.n_layers)],
+          "final_norm": ("embed",)}
+  if not cfg.tie_embeddings:
+    axes["lm_head"] = ("embed", "vocab")
+  return axes
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+  """Shape of every parameter, same tree as `init_params`."""
+  d, h, k, dh, f, v = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim,
+                       cfg.vocab_size)
+  layer = {"attn_norm": (d,), "wq": (d, h, dh), "wk": (d, k, dh), "wv": (d, k, dh),
+           "wo": (h, dh, d), "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f),
+           "w_down": (f, d)}
+  if cfg.qkv_bias:
+    layer.update(bq=(h, dh), bk=(k, dh), bv=(k, dh))
+  shapes = {"embed": (v, d), "layers": [dict(layer) for _ in range(cfg.n_layers)],
+            "final_norm": (d,)}
+  if not cfg.tie_embeddings:
+    shapes["lm_head"] = (d, v)
+  return shapes
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+  """Random parameters: N(0, 0.02) matrices, unit norms, zero biases, in cfg.param_dtype."""
+  shapes = param_shapes(cfg)
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+  keys = jax.random.split(rng, len(leaves))
+  dtype = jnp.dtype(cfg.param_dtype)
+  out = []
+  for key, path, shape in zip(keys, paths, leaves):
+    if "norm" in path:
+      out.append(jnp.ones(shape, dtype))
+    elif "'b" in path:  # bq, bk, bv
+      out.append(jnp.zeros(shape, dtype))
+    else:
+      out.append((0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+def rms_norm(x, w, eps):
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x, positions, theta):
+  """Rotary embedding, half-split layout (as in Hugging Face Llama/Qwen2).
+
+  x: [..., T, heads, Dh]; positions: [..., T] int.
+  """
+  dh = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., T, Dh/2]
+  cos = jnp.cos(ang)[..., None, :]
+  sin = jnp.sin(ang)[..., None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention(q, k, v, mask):
+  """Grouped-query attention.
+
+  q: [B, Tq, H, Dh]; k, v: [B, Tk, K, Dh]; mask: [B, Tq, Tk] bool -> [B, Tq, H, Dh].
+  Scores and softmax in float32.
+  """
+  b, tq, h, dh = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, tq, kh, h // kh, dh)
+  s = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32)
+  s = s * (dh ** -0.5)
+  s = jnp.where(mask[:, None, None], s, NEG_INF)
+  p = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v)
+  return o.reshape(b, tq, h, dh)
+
+
+# An attention function: (q [B,T,H,Dh], k [B,T,K,Dh], v, layer_state) -> (out, new_layer_state).
+Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def decoder(params: Params, cfg: ModelConfig, tokens, positions, attend: Attend,
+            states: Sequence[Any]):
+  """The layer stack. tokens, positions: [B, T] -> (final-normed hidden [B, T, D], new states).
+
+  `states[i]` is whatever `attend` keeps for layer i (None, or a KV cache slice).
+  """
+  dt = cfg.compute_dtype
+  x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
+  new_states = []
+  for lp, state in zip(params["layers"], states):
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, lp["wq"].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", h, lp["wk"].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", h, lp["wv"].astype(dt))
+    if cfg.qkv_bias:
+      q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
+    q = rope(q, positions, cfg.rope_theta)
+    k = rope(k, positions, cfg.rope_theta)
+    o, state = attend(q, k, v, state)
+    x = x + jnp.einsum("bthk,hkd->btd", o, lp["wo"].astype(dt))
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_eps)
+    g = jnp.einsum("btd,df->btf", h, lp["w_gate"].astype(dt))
+    u = jnp.einsum("btd,df->btf", h, lp["w_up"].astype(dt))
+    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, lp["w_down"].astype(dt))
+    new_states.append(state)
+  return rms_norm(x, params["final_norm"], cfg.rms_eps), new_states
+
+
+def logits_from_hidden(params: Params, cfg: ModelConfig, h):
+  """[..., D] -> float32 logits [..., V]."""
+  dt = cfg.compute_dtype
+  if cfg.tie_embeddings:
+    w = params["embed"].astype(dt)
+    return jnp.einsum("...d,vd->...v", h.astype(dt), w, preferred_element_type=jnp.float32)
+  return jnp.einsum("...d,dv->...v", h.astype(dt), params["lm_head"].astype(dt),
+                    preferred_element_type=jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full forward (training, scoring).
+
+
+def forward_hidden(params: Params, cfg: ModelConfig, tokens, positions, mask):
+  """tokens, positions [B, T], mask [B, T, T] -> final hidden [B, T, D]."""
+  attend = lambda q, k, v, s: (attention(q, k, v, mask), s)
+  h, _ = decoder(params, cfg, tokens, positions, attend, [None] * cfg.n_layers)
+  return h
+
+
+def forward(params: Params, cfg: ModelConfig, tokens, positions, mask):
+  """tokens, positions [B, T], mask [B, T, T] bool -> float32 logits [B, T, V]."""
+  return logits_from_hidden(params, cfg, forward_hidden(params, cfg, tokens, positions, mask))
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache: static shape, one [B, S, K, Dh] buffer per layer for keys and for values.
+
+
+@flax.struct.dataclass
+class KVCache:
+  k: tuple[jax.Array, ...]  # L x [B, S, K, Dh]
+  v: tuple[jax.Array, ...]
+
+  @property
+  def length(self) -> int:
+    return self.k[0].shape[1]
+
+  @property
+  def batch(self) -> int:
+    return self.k[0].shape[0]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+  return KVCache(k=zeros(), v=zeros())
+
+
+def _write(buf, new, index):
+  return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1)
+
+
+def prefill(params: Params, cfg: ModelConfig, tokens, positions, mask, cache: KVCache,
+            index=0):
+  """Runs a chunk of T tokens, attending among themselves, and writes their keys and values
+  into cache slots [index, index + T).
+
+  tokens, positions: [B, T]; mask: [B, T, T]. Returns (last-token logits [B, V], cache).
+  """
+
+  def attend(q, k, v, kv):
+    return attention(q, k, v, mask), (_write(kv[0], k, index), _write(kv[1], v, index))
+
+  h, states = decoder(params, cfg, tokens, positions, attend, list(zip(cache.k, cache.v)))
+  new = KVCache(k=tuple(s[0] for s in states), v=tuple(s[1] for s in states))
+  return logits_from_hidden(params, cfg, h[:, -1]), new
+
+
+def decode_step(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache, index,
+                kv_mask):
+  """Writes T new tokens at cache slots [index, index + T) and attends over the whole cache.
+
+  tokens, positions: [B, T] (T = 1 for ordinary decoding); kv_mask: [B, T, S] bool over cache
+  slots (the caller decides what is visible, e.g. slots >= row start and <= index).
+  Returns (logits [B, T, V], cache).
+  """
+
+  def attend(q, k, v, kv):
+    ck, cv = _write(kv[0], k, index), _write(kv[1], v, index)
+    return attention(q, ck, cv, kv_mask), (ck, cv)
+
+  h, states = decoder(params, cfg, tokens, positions, attend, list(zip(cache.k, cache.v)))
+  new = KVCache(k=tuple(s[0] for s in states), v=tuple(s[1] for s in states))
+  return logits_from_hidden(params, cfg, h), new
