@@ -1,0 +1,284 @@
+"""Anytime decoding (SPEC §4): sample each thinking once, cut it at every budget, and summarize
+every cut A times in one jitted loop that reads the thinking KV cache in place.
+
+Shapes: N prompts, G thinkings per prompt, R = N * G rows, m budgets, A summaries per cut,
+C = m * A branches per row, S summary length, I inserted tokens (padded), W = I + S branch slots,
+P padded prompt length, Tt = P + b_m trunk cache slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from brpo import sampling
+from models import decoder as dec
+from models.config import ModelConfig
+from models.tokenizer import Tokenizer
+
+# The texts SPEC §4 inserts after a cut.
+ELLIPSIS_TEXT = "...\n\n...\n\n"  # then the end-of-thinking token(s)
+ANSWER_MARKER = "\n\n**Final Answer**\n"
+
+# How a thinking ended (`thinking_end`).
+END_BUDGET, END_THINK, END_EOS = -1, 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class AnytimeTokens:
+  """The token ids anytime decoding needs, found from a tokenizer by name."""
+
+  eos_id: int
+  pad_id: int
+  think_end_ids: tuple[int, ...]
+  insert_running: tuple[int, ...]  # "...\n\n...\n\n</think>" + "\n\n**Final Answer**\n"
+  insert_ended: tuple[int, ...]  # "\n\n**Final Answer**\n"
+
+  @classmethod
+  def from_tokenizer(cls, tok: Tokenizer) -> "AnytimeTokens":
+    marker = tuple(tok.encode(ANSWER_MARKER))
+    running = tuple(tok.encode(ELLIPSIS_TEXT)) + tuple(tok.think_end_ids) + marker
+    return cls(eos_id=tok.eos_id, pad_id=tok.pad_id, think_end_ids=tuple(tok.think_end_ids),
+               insert_running=running, insert_ended=marker)
+
+  @property
+  def thinking_stops(self) -> list[tuple[int, ...]]:
+    """Stop sequences of the thinking, indexed by END_THINK and END_EOS."""
+    return [self.think_end_ids, (self.eos_id,)]
+
+
+@dataclasses.dataclass(frozen=True)
+class AnytimeConfig:
+  """What to sample: budgets b_1 < ... < b_m, G thinkings per prompt, A summaries of <= S
+  tokens per distinct cut."""
+
+  budgets: tuple[int, ...]
+  group_size: int = 8
+  n_summaries: int = 4
+  summary_len: int = 128
+
+  def __post_init__(self):
+    b = self.budgets
+    if not b or any(x <= 0 for x in b) or any(x >= y for x, y in zip(b, b[1:])):
+      raise ValueError(f"budgets {b} must be positive and strictly increasing")
+    if self.group_size < 1 or self.n_summaries < 1 or self.summary_len < 1:
+      raise ValueError(f"group_size, n_summaries and summary_len must be >= 1: {self}")
+
+  @property
+  def b_max(self) -> int:
+    return self.budgets[-1]
+
+
+@flax.struct.dataclass
+class Cuts:
+  """Where each thinking is cut for each budget. All [R, m]."""
+
+  length: jax.Array  # thinking tokens kept before the inserted text
+  ended: jax.Array  # bool: the thinking ended (</think> or eos) at or before the budget
+  canonical: jax.Array  # budget index whose summaries serve this budget (shared cuts)
+  insert: jax.Array  # [R, m, I] inserted tokens, pad after insert_len
+  insert_len: jax.Array
+
+
+@flax.struct.dataclass
+class AnytimeRollout:
+  """Everything one anytime rollout produced (device arrays)."""
+
+  prompt: jax.Array  # [R, P] left-padded prompt tokens
+  prompt_valid: jax.Array  # [R, P] bool
+  thinking: jax.Array  # [R, b_m] int32 (pad after the end)
+  thinking_logp: jax.Array  # [R, b_m] float32
+  thinking_len: jax.Array  # [R] tokens, the stop token(s) included
+  thinking_end: jax.Array  # [R] END_BUDGET, END_THINK or END_EOS
+  cuts: Cuts
+  # Summaries per budget; a budget that shares its cut with an earlier one (cuts.canonical != j)
+  # repeats that budget's summaries, and must not be trained twice.
+  summary: jax.Array  # [R, m, A, S] int32 generated summary tokens (pad after the end)
+  summary_logp: jax.Array  # [R, m, A, S] float32
+  summary_len: jax.Array  # [R, m, A] generated tokens (eos included)
+  budgets: jax.Array  # [m]
+
+
+def compute_cuts(thinking_len, thinking_end, budgets, toks: AnytimeTokens) -> Cuts:
+  """SPEC §4 cut rule. thinking_len, thinking_end [R]; budgets [m] -> Cuts [R, m]."""
+  budgets = jnp.asarray(budgets, jnp.int32)
+  m = budgets.shape[0]
+  ended = (thinking_end >= 0)[:, None] & (thinking_len[:, None] <= budgets[None, :])
+  length = jnp.where(ended, thinking_len[:, None], budgets[None, :])
+  first_ended = jnp.argmax(ended, axis=1)
+  canonical = jnp.where(ended, first_ended[:, None], jnp.arange(m)[None, :]).astype(jnp.int32)
+  n_ins = max(len(toks.insert_running), len(toks.insert_ended))
+  run = np.full((n_ins,), toks.pad_id, np.int32)
+  run[:len(toks.insert_running)] = toks.insert_running
+  end = np.full((n_ins,), toks.pad_id, np.int32)
+  end[:len(toks.insert_ended)] = toks.insert_ended
+  insert = jnp.where(ended[..., None], jnp.asarray(end), jnp.asarray(run))
+  insert_len = jnp.where(ended, len(toks.insert_ended), len(toks.insert_running))
+  return Cuts(length=length.astype(jnp.int32), ended=ended, canonical=canonical,
+              insert=insert.astype(jnp.int32), insert_len=insert_len.astype(jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Branch decoding over the shared trunk cache.
+
+
+def branch_attention(q, k_new, v_new, trunk_k, trunk_v, trunk_mask, br_k, br_v, step):
+  """One decode step of C branches per row against their parent's trunk cache and their own.
+
+  q: [R, C, H, Dh]; k_new, v_new: [R, C, K, Dh]; trunk_k/v: [R, Tt, K, Dh] (read in place, never
+  copied per branch); trunk_mask: [R, C, Tt]; br_k/v: [R, C, W, K, Dh]; step: the branch slot of
+  this token. Both score blocks go through one softmax. Returns (out [R, C, H, Dh], br_k, br_v).
+  """
+  r, c, h, dh = q.shape
+  kh = k_new.shape[2]
+  br_k = jax.lax.dynamic_update_slice_in_dim(br_k, k_new[:, :, None].astype(br_k.dtype), step, 2)
+  br_v = jax.lax.dynamic_update_slice_in_dim(br_v, v_new[:, :, None].astype(br_v.dtype), step, 2)
+  qg = q.reshape(r, c, kh, h // kh, dh)
+  scale = dh ** -0.5
+  s_trunk = jnp.einsum("rckgd,rtkd->rckgt", qg, trunk_k,
+                       preferred_element_type=jnp.float32) * scale
+  s_own = jnp.einsum("rckgd,rcskd->rckgs", qg, br_k, preferred_element_type=jnp.float32) * scale
+  s_trunk = jnp.where(trunk_mask[:, :, None, None, :], s_trunk, dec.NEG_INF)
+  own_mask = jnp.arange(br_k.shape[2]) <= step
+  s_own = jnp.where(own_mask, s_own, dec.NEG_INF)
+  p = jax.nn.softmax(jnp.concatenate([s_trunk, s_own], axis=-1), axis=-1)
+  tt = trunk_k.shape[1]
+  p_trunk, p_own = p[..., :tt].astype(trunk_v.dtype), p[..., tt:].astype(br_v.dtype)
+  o = (jnp.einsum("rckgt,rtkd->rckgd", p_trunk, trunk_v)
+       + jnp.einsum("rckgs,rcskd->rckgd", p_own, br_v))
+  return o.reshape(r, c, h, dh), br_k, br_v
+
+
+@flax.struct.dataclass
+class BranchState:
+  k: tuple[jax.Array, ...]  # L x [R, C, W, K, Dh]
+  v: tuple[jax.Array, ...]
+  tokens: jax.Array  # [R, C, W] inserted tokens, then the summary
+  logp: jax.Array  # [R, C, W] float32 (0 at inserted slots)
+  gen_len: jax.Array  # [R, C]
+  done: jax.Array  # [R, C] bool
+  step: jax.Array  # scalar: slots [0, step) have keys/values in the branch cache
+  rng: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "prompt_len", "summary_len", "strategy",
+                                             "eos_id", "pad_id"))
+def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_prompt, cut_len,
+                    insert, insert_len, active, rng, *, prompt_len: int, summary_len: int,
+                    strategy, eos_id: int, pad_id: int):
+  """Decodes C branches per row, each reading its parent's trunk cache up to its own cut.
+
+  Args:
+    trunk: the thinking cache, [R, Tt, K, Dh] per layer; slots [P, P + b_m) hold the thinking
+      (P = prompt_len). Only read: no branch copies it.
+    start: [R] first valid prompt slot; n_prompt: [R] valid prompt tokens.
+    cut_len: [R, C] thinking tokens the branch sees; insert: [R, C, I]; insert_len: [R, C].
+    active: [R, C] bool; inactive branches generate nothing (shared cuts are decoded once).
+  Returns:
+    (tokens [R, C, W], logp [R, C, W], gen_len [R, C]) with the summary at slots
+    [insert_len, insert_len + gen_len).
+  """
+  r, c, n_ins = insert.shape
+  w = n_ins + summary_len
+  # The trunk is [prompt (P slots, left-padded) | thinking]; a branch sees [start, P + cut).
+  slots = jnp.arange(trunk.length)
+  trunk_mask = (slots[None, None] >= start[:, None, None]) & (
+      slots[None, None] < (prompt_len + cut_len)[..., None])
+  dtype = trunk.k[0].dtype
+  zeros = lambda: tuple(jnp.zeros((r, c, w, cfg.n_kv_heads, cfg.head_dim), dtype)
+                        for _ in range(cfg.n_layers))
+  tokens = jnp.concatenate([insert, jnp.full((r, c, summary_len), pad_id, jnp.int32)], axis=2)
+  state = BranchState(k=zeros(), v=zeros(), tokens=tokens,
+                      logp=jnp.zeros((r, c, w), jnp.float32),
+                      gen_len=jnp.zeros((r, c), jnp.int32), done=~active, step=jnp.int32(0),
+                      rng=rng)
+
+  def cond(s: BranchState):
+    return (s.step < w - 1) & jnp.any(~s.done)
+
+  def body(s: BranchState):
+    k = s.step
+    tok = jax.lax.dynamic_index_in_dim(s.tokens, k, axis=2, keepdims=False)  # [R, C]
+    pos = n_prompt[:, None] + cut_len + k
+
+    def attend(q, kn, vn, layer):
+      tk, tv, bk, bv = layer
+      o, bk, bv = branch_attention(q, kn, vn, tk, tv, trunk_mask, bk, bv, k)
+      return o, (tk, tv, bk, bv)
+
+    layers = list(zip(trunk.k, trunk.v, s.k, s.v))
+    h, new = dec.decoder(params, cfg, tok, pos, attend, layers)
+    logits = dec.logits_from_hidden(params, cfg, h)  # [R, C, V]
+    rng, key = jax.random.split(s.rng)
+    nxt = k + 1
+    sampled = strategy(key, logits.reshape(r * c, -1)).reshape(r, c)
+    lp = sampling.token_logprobs(logits, sampled, strategy.temperature)
+    live = ~s.done & (nxt >= insert_len)
+    cur = jax.lax.dynamic_index_in_dim(s.tokens, nxt, axis=2, keepdims=False)
+    tokens = jax.lax.dynamic_update_index_in_dim(
+        s.tokens, jnp.where(live, sampled, cur), nxt, axis=2)
+    logp = jax.lax.dynamic_update_index_in_dim(s.logp, jnp.where(live, lp, 0.0), nxt, axis=2)
+    gen_len = s.gen_len + live.astype(jnp.int32)
+    done = s.done | (live & ((sampled == eos_id) | (gen_len >= summary_len)))
+    return BranchState(k=tuple(x[2] for x in new), v=tuple(x[3] for x in new), tokens=tokens,
+                       logp=logp, gen_len=gen_len, done=done, step=nxt, rng=rng)
+
+  s = jax.lax.while_loop(cond, body, state)
+  return s.tokens, s.logp, s.gen_len
+
+
+def _take_summaries(tokens, logp, insert_len, summary_len: int):
+  """Branch slots [.., W] -> the generated part [.., S], aligned at 0."""
+  idx = insert_len[..., None] + jnp.arange(summary_len)
+  return (jnp.take_along_axis(tokens, idx, axis=-1), jnp.take_along_axis(logp, idx, axis=-1))
+
+
+def anytime_rollout(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
+                    spec: AnytimeConfig, toks: AnytimeTokens, rng, *,
+                    think_strategy=sampling.Temperature(1.0),
+                    summary_strategy=sampling.Temperature(1.0),
+                    prompt_length: int | None = None) -> AnytimeRollout:
+  """Samples G thinkings per prompt (up to b_m tokens) and A summaries at every distinct cut.
+
+  The thinking is sampled once; its KV cache is then read in place by all m * A branches of its
+  row. A budget whose cut equals an earlier budget's (the thinking ended before it) gets no
+  branches of its own: `cuts.canonical` points to the budget whose summaries serve it.
+  """
+  g, a, s_len = spec.group_size, spec.n_summaries, spec.summary_len
+  m = len(spec.budgets)
+  rows = [list(p) for p in prompts for _ in range(g)]
+  rng_think, rng_sum = jax.random.split(rng)
+  out, state = sampling.sample(
+      params, cfg, rows, spec.b_max, think_strategy, toks.thinking_stops, rng_think,
+      pad_id=toks.pad_id, prompt_length=prompt_length, write_last=True, return_state=True)
+  cuts = compute_cuts(out.lengths, out.stop_reason, spec.budgets, toks)
+  r = len(rows)
+  rep = lambda x: jnp.repeat(x, a, axis=1)  # [R, m, ...] -> [R, m * A, ...]
+  active = rep(cuts.canonical == jnp.arange(m)[None, :])
+  prompt_len = state.cache.length - spec.b_max
+  tokens, logp, gen_len = decode_branches(
+      params, cfg, state.cache, state.start, state.n_prompt, rep(cuts.length), rep(cuts.insert),
+      rep(cuts.insert_len), active, rng_sum, prompt_len=prompt_len, summary_len=s_len,
+      strategy=summary_strategy, eos_id=toks.eos_id, pad_id=toks.pad_id)
+  shape = (r, m, a)
+  tokens = tokens.reshape(*shape, -1)
+  logp = logp.reshape(*shape, -1)
+  summary, summary_logp = _take_summaries(tokens, logp, cuts.insert_len[..., None], s_len)
+  gen_len = gen_len.reshape(shape)
+  # Budgets that share a cut show the summaries of the budget that decoded them.
+  canon = cuts.canonical[:, :, None, None]
+  summary = jnp.take_along_axis(summary, canon, axis=1)
+  summary_logp = jnp.take_along_axis(summary_logp, canon, axis=1)
+  gen_len = jnp.take_along_axis(gen_len, cuts.canonical[:, :, None], axis=1)
+  prompt, valid = sampling.pad_prompts(rows, toks.pad_id, prompt_len)
+  return AnytimeRollout(
+      prompt=jnp.asarray(prompt), prompt_valid=jnp.asarray(valid), thinking=out.tokens,
+      thinking_logp=out.logprobs, thinking_len=out.lengths, thinking_end=out.stop_reason,
+      cuts=cuts, summary=summary, summary_logp=summary_logp,
+      summary_len=gen_len, budgets=jnp.asarray(spec.budgets, jnp.int32))
