@@ -1,0 +1,199 @@
+"""Sampler and anytime decoding: cached branches equal from-scratch decoding of each cut context,
+log-probs equal a full-forward recomputation, left padding and bucketing change nothing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from brpo import anytime as at
+from brpo import sampling as smp
+from models import config, decoder as dec, masks
+
+CFG = config.get_config("tiny", vocab_size=64, n_layers=2)
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [20, 21, 22]]
+# Read off a free greedy run of the model below (checked in `greedy_rollout`): row 0 stops on
+# </think> (41) after 6 tokens, row 2 on eos (63) after 3, rows 1 and 3 run to b_max.
+TOKS = at.AnytimeTokens(eos_id=63, pad_id=0, think_end_ids=(41,),
+                        insert_running=(60, 61, 41, 62, 59), insert_ended=(62, 59))
+
+
+@pytest.fixture(scope="module")
+def params():
+  p = dec.init_params(CFG, jax.random.PRNGKey(0))
+  # Larger weights than the init so that greedy decoding does not repeat one token forever.
+  return jax.tree.map(lambda x: x * 4 if x.ndim > 1 else x, p)
+
+
+def full_forward_logprobs(params, context, new, temperature=1.0):
+  """Log-probs of tokens `new` after `context` from one uncached forward pass."""
+  seq = jnp.asarray([list(context) + list(new)])
+  valid = jnp.ones(seq.shape, bool)
+  logits = dec.forward(params, CFG, seq, masks.positions_from_valid(valid),
+                       masks.causal_mask(valid))[0]
+  pred = logits[len(context) - 1:len(context) + len(new) - 1]
+  return np.asarray(smp.token_logprobs(pred, jnp.asarray(new), temperature))
+
+
+def test_greedy_sample_equals_full_forward_greedy(params):
+  out = smp.sample(params, CFG, PROMPTS, 10, smp.Greedy(), pad_id=0)
+  for b, prompt in enumerate(PROMPTS):
+    seq = list(prompt)
+    for _ in range(10):
+      valid = jnp.ones((1, len(seq)), bool)
+      lg = dec.forward(params, CFG, jnp.asarray([seq]), masks.positions_from_valid(valid),
+                       masks.causal_mask(valid))[0, -1]
+      seq.append(int(jnp.argmax(lg)))
+    assert np.asarray(out.tokens[b]).tolist() == seq[len(prompt):]
+
+
+@pytest.mark.parametrize("strategy", [smp.Temperature(1.0), smp.Temperature(0.6),
+                                      smp.TopP(0.9, 0.6), smp.TopK(5, 1.0)])
+def test_sampled_logprobs_equal_full_forward(params, strategy):
+  out = smp.sample(params, CFG, PROMPTS, 12, strategy, [[63]], jax.random.PRNGKey(7), pad_id=0)
+  for b, prompt in enumerate(PROMPTS):
+    n = int(out.lengths[b])
+    new = np.asarray(out.tokens[b, :n])
+    ref = full_forward_logprobs(params, prompt, new, strategy.temperature)
+    np.testing.assert_allclose(out.logprobs[b, :n], ref, atol=1e-5)
+    # Masked after the end.
+    assert (np.asarray(out.tokens[b, n:]) == 0).all() and (np.asarray(out.logprobs[b, n:]) == 0).all()
+    if int(out.stop_reason[b]) == 0:
+      assert new[-1] == 63
+
+
+def test_top_k_and_top_p_restrict_support():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+  keys = jax.random.PRNGKey(0)
+  assert set(np.asarray(smp.TopK(2)(keys, logits)).tolist()) == {0, 1}
+  assert set(np.asarray(smp.TopP(0.7)(keys, logits)).tolist()) == {0, 1}
+  assert set(np.asarray(smp.TopP(0.85)(keys, logits)).tolist()) == {0, 1, 2}
+  assert set(np.asarray(smp.Greedy()(keys, logits)).tolist()) == {0}
+
+
+def test_stop_sequences_of_several_tokens(params):
+  free = smp.sample(params, CFG, PROMPTS[:1], 10, smp.Greedy(), pad_id=0)
+  t = np.asarray(free.tokens[0]).tolist()
+  stop = t[3:5]  # stop on the two tokens generated at steps 3 and 4
+  out = smp.sample(params, CFG, PROMPTS[:1], 10, smp.Greedy(), [[63, 62], stop], pad_id=0)
+  first = next(i for i in range(1, 10) if t[i - 1:i + 1] == stop)
+  assert int(out.lengths[0]) == first + 1 and int(out.stop_reason[0]) == 1
+  assert np.asarray(out.tokens[0, :first + 1]).tolist() == t[:first + 1]
+
+
+def test_left_padding_and_bucket_invariance(params):
+  strategy = smp.Temperature(1.0)
+  key = jax.random.PRNGKey(3)
+  a = smp.sample(params, CFG, PROMPTS, 8, strategy, [[63]], key, pad_id=0)
+  b = smp.sample(params, CFG, PROMPTS, 8, strategy, [[63]], key, pad_id=0, prompt_length=40)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+  # A row alone (no left padding) equals the same row in the padded batch, greedily.
+  g = smp.sample(params, CFG, PROMPTS, 8, smp.Greedy(), pad_id=0)
+  alone = smp.sample(params, CFG, [PROMPTS[1]], 8, smp.Greedy(), pad_id=0, prompt_length=2)
+  np.testing.assert_array_equal(g.tokens[1], alone.tokens[0])
+  np.testing.assert_allclose(g.logprobs[1], alone.logprobs[0], atol=1e-5)
+
+
+def test_reproducible_from_seed(params):
+  s = smp.Temperature(1.0)
+  a = smp.sample(params, CFG, PROMPTS, 8, s, rng=jax.random.PRNGKey(1), pad_id=0)
+  b = smp.sample(params, CFG, PROMPTS, 8, s, rng=jax.random.PRNGKey(1), pad_id=0)
+  c = smp.sample(params, CFG, PROMPTS, 8, s, rng=jax.random.PRNGKey(2), pad_id=0)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_no_recompilation_within_a_bucket(params):
+  s = smp.Temperature(1.0)
+  smp.sample(params, CFG, [[1, 2, 3], [4, 5, 6, 7, 8]], 6, s, rng=jax.random.PRNGKey(0), pad_id=0)
+  sizes = (smp.prefill_jit._cache_size(), smp.decode_jit._cache_size())
+  # Other prompts whose lengths fall in the same bucket (8): same shapes, no new compilation.
+  smp.sample(params, CFG, [[9, 9], [1, 2, 3, 4, 5, 6, 7]], 6, s, rng=jax.random.PRNGKey(1),
+             pad_id=0)
+  assert (smp.prefill_jit._cache_size(), smp.decode_jit._cache_size()) == sizes
+  assert smp.bucket_length(5) == 8 and smp.bucket_length(65) == 128
+
+
+def test_sample_errors(params):
+  with pytest.raises(ValueError, match="empty prompt"):
+    smp.sample(params, CFG, [[]], 4, pad_id=0)
+  with pytest.raises(ValueError, match="max_seq_len"):
+    smp.sample(params, CFG, [[1]], CFG.max_seq_len, pad_id=0)
+  with pytest.raises(ValueError, match="stop sequences must be non-empty"):
+    smp.stop_array([[1], []])
+
+
+# ---------------------------------------------------------------------------------------------
+# Anytime decoding.
+
+
+@pytest.fixture(scope="module")
+def greedy_rollout(params):
+  free = np.asarray(smp.sample(params, CFG, PROMPTS, 16, smp.Greedy(), pad_id=0).tokens)
+  assert free[0, 5] == 41 and 41 not in free[0, :5] and 63 not in free[0, :6], free
+  assert free[2, 2] == 63 and 41 not in free[2, :3], free
+  assert not {41, 63} & set(free[1]) and not {41, 63} & set(free[3]), free
+  spec = at.AnytimeConfig(budgets=(4, 8, 16), group_size=1, n_summaries=2, summary_len=6)
+  return at.anytime_rollout(params, CFG, PROMPTS, spec, TOKS, jax.random.PRNGKey(0),
+                            think_strategy=smp.Greedy(), summary_strategy=smp.Greedy())
+
+
+def test_cut_kinds(greedy_rollout):
+  ro = greedy_rollout
+  # The cases the fixture was built to cover: ended by </think>, ran to b_max, ended by eos.
+  assert np.asarray(ro.thinking_end).tolist() == [at.END_THINK, at.END_BUDGET, at.END_EOS,
+                                                   at.END_BUDGET]
+  assert np.asarray(ro.thinking_len).tolist() == [6, 16, 3, 16]
+  np.testing.assert_array_equal(ro.cuts.length, [[4, 6, 6], [4, 8, 16], [3, 3, 3], [4, 8, 16]])
+  np.testing.assert_array_equal(ro.cuts.ended, [[0, 1, 1], [0, 0, 0], [1, 1, 1], [0, 0, 0]])
+  np.testing.assert_array_equal(ro.cuts.canonical, [[0, 1, 1], [0, 1, 2], [0, 0, 0], [0, 1, 2]])
+  np.testing.assert_array_equal(ro.cuts.insert_len, [[5, 2, 2], [5, 5, 5], [2, 2, 2], [5, 5, 5]])
+  # Duplicated budgets show the summaries of their canonical budget.
+  np.testing.assert_array_equal(ro.summary[0, 2], ro.summary[0, 1])
+
+
+def test_every_branch_equals_from_scratch_greedy(params, greedy_rollout):
+  ro = greedy_rollout
+  for r, prompt in enumerate(PROMPTS):
+    for j in range(3):
+      cut = int(ro.cuts.length[r, j])
+      ins = np.asarray(ro.cuts.insert[r, j, :int(ro.cuts.insert_len[r, j])]).tolist()
+      context = prompt + np.asarray(ro.thinking[r, :cut]).tolist() + ins
+      ref = smp.sample(params, CFG, [context], 6, smp.Greedy(), [[63]], pad_id=0)
+      for a in range(2):
+        n = int(ro.summary_len[r, j, a])
+        assert n == int(ref.lengths[0]), (r, j, a)
+        np.testing.assert_array_equal(ro.summary[r, j, a], ref.tokens[0])
+        np.testing.assert_allclose(ro.summary_logp[r, j, a, :n], ref.logprobs[0, :n],
+                                   atol=1e-5)
+
+
+def test_sampled_anytime_logprobs_equal_full_forward(params):
+  spec = at.AnytimeConfig(budgets=(3, 6, 9), group_size=2, n_summaries=2, summary_len=5)
+  ro = at.anytime_rollout(params, CFG, PROMPTS[:2], spec, TOKS, jax.random.PRNGKey(5),
+                          think_strategy=smp.Temperature(1.0),
+                          summary_strategy=smp.Temperature(0.6))
+  rows = [p for p in PROMPTS[:2] for _ in range(2)]
+  for r, prompt in enumerate(rows):
+    n = int(ro.thinking_len[r])
+    think = np.asarray(ro.thinking[r, :n]).tolist()
+    np.testing.assert_allclose(ro.thinking_logp[r, :n],
+                               full_forward_logprobs(params, prompt, think), atol=1e-5)
+    for j in range(3):
+      if int(ro.cuts.canonical[r, j]) != j:
+        continue
+      cut = int(ro.cuts.length[r, j])
+      ins = np.asarray(ro.cuts.insert[r, j, :int(ro.cuts.insert_len[r, j])]).tolist()
+      for a in range(2):
+        k = int(ro.summary_len[r, j, a])
+        summ = np.asarray(ro.summary[r, j, a, :k]).tolist()
+        ref = full_forward_logprobs(params, prompt + think[:cut] + ins, summ, 0.6)
+        np.testing.assert_allclose(ro.summary_logp[r, j, a, :k], ref, atol=1e-5)
+
+
+def test_anytime_config_errors():
+  with pytest.raises(ValueError, match="strictly increasing"):
+    at.AnytimeConfig(budgets=(4, 4, 8))
+  with pytest.raises(ValueError, match="strictly increasing"):
+    at.AnytimeConfig(budgets=(0, 4))
