@@ -1,0 +1,181 @@
+"""Tree packing (DESIGN.md "Training"): one row per thinking holding the prompt, the thinking and
+all of its summary branches, so one forward pass scores every trained token and no prefix is
+computed twice.
+
+Row layout, T = P + b_m + C * W slots (C = m * A branches, W = I + S slots each):
+  [prompt (P, left-padded) | thinking (b_m) | branch 1 (W) | ... | branch C (W)]
+A branch holds its inserted tokens, then its summary. Position ids continue from each cut, and the
+mask of models.masks.tree_mask lets a branch token see the prompt, the thinking up to its cut
+and the earlier tokens of its own branch.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from brpo.anytime import AnytimeRollout
+from models import decoder as dec
+from models import masks
+from models.config import ModelConfig
+
+
+@flax.struct.dataclass
+class PackedBatch:
+  """Training rows, all [R, T]. The log-prob of the token at slot t comes from slot t - 1."""
+
+  tokens: jax.Array  # int32
+  positions: jax.Array  # int32 rotary positions
+  branch: jax.Array  # int32: 0 trunk (prompt + thinking), k >= 1 branch k, -1 padding
+  limit: jax.Array  # int32: trunk slots < limit are visible to the token
+  loss_mask: jax.Array  # bool: generated thinking and summary tokens of distinct cuts
+  old_logp: jax.Array  # float32 sampler log-probs of the trained tokens (0 elsewhere)
+  advantages: jax.Array  # float32 per-token advantages (0 elsewhere)
+  is_summary: jax.Array  # bool: trained summary tokens (the rest of loss_mask is thinking)
+  prompt_len: int = flax.struct.field(pytree_node=False, default=0)
+
+  @property
+  def response_len(self) -> int:
+    """The constant of Dr. GRPO's denominator: slots that can hold generated tokens."""
+    return self.tokens.shape[1] - self.prompt_len
+
+
+def segment_ids(budgets, n: int):
+  """[n] segment (0-based budget index) of thinking tokens 1..n: the first j with b_j >= t."""
+  return jnp.searchsorted(jnp.asarray(budgets), jnp.arange(1, n + 1), side="left")
+
+
+def pack(ro: AnytimeRollout, thinking_adv, summary_adv) -> PackedBatch:
+  """Packs an anytime rollout into training rows.
+
+  Args:
+    ro: the rollout (R rows, m budgets, A summaries).
+    thinking_adv: [R, m] advantage of each thinking segment (tokens in (b_{s-1}, b_s]).
+    summary_adv: [R, m, A] advantage of each summary. Budgets whose cut repeats an earlier
+      budget's (ro.cuts.canonical != j) are not packed: their summaries are trained once.
+  Returns:
+    PackedBatch [R, T].
+  """
+  r, p = ro.prompt.shape
+  b_max = ro.thinking.shape[1]
+  m, a, s = ro.summary.shape[1:]
+  n_ins = ro.cuts.insert.shape[2]
+  w = n_ins + s
+  c = m * a
+  n_prompt = jnp.sum(ro.prompt_valid, axis=1)
+
+  # Trunk: prompt then thinking.
+  think_valid = jnp.arange(b_max)[None] < ro.thinking_len[:, None]
+  trunk_tokens = jnp.concatenate([ro.prompt, ro.thinking], axis=1)
+  trunk_valid = jnp.concatenate([ro.prompt_valid, think_valid], axis=1)
+  trunk_pos = jnp.concatenate(
+      [masks.positions_from_valid(ro.prompt_valid), n_prompt[:, None] + jnp.arange(b_max)], 1)
+  trunk_limit = jnp.broadcast_to(jnp.arange(1, p + b_max + 1), trunk_valid.shape)
+  seg = segment_ids(ro.budgets, b_max)
+  think_adv = jnp.take_along_axis(thinking_adv, jnp.broadcast_to(seg, (r, b_max)), axis=1)
+  zeros_p = jnp.zeros((r, p))
+  trunk_train = jnp.concatenate([jnp.zeros((r, p), bool), think_valid], axis=1)
+
+  # Branches, [R, m, A, W]: inserted tokens at [0, insert_len), the summary after them.
+  k = jnp.arange(w)
+  ins_len = ro.cuts.insert_len[:, :, None, None]
+  sum_len = ro.summary_len[..., None]
+  canonical = (ro.cuts.canonical == jnp.arange(m)[None])[:, :, None, None]
+  in_summary = (k >= ins_len) & (k < ins_len + sum_len)
+  is_insert = k < ins_len
+  live = (is_insert | in_summary) & canonical
+  ins = jnp.pad(ro.cuts.insert, ((0, 0), (0, 0), (0, s)))[:, :, None, :]
+  gather = jnp.clip(k - ins_len, 0, s - 1)
+  sum_tok = jnp.take_along_axis(ro.summary, jnp.broadcast_to(gather, (r, m, a, w)), axis=-1)
+  sum_lp = jnp.take_along_axis(ro.summary_logp, jnp.broadcast_to(gather, (r, m, a, w)), -1)
+  br_tokens = jnp.where(is_insert, ins, jnp.where(in_summary, sum_tok, 0))
+  br_pos = n_prompt[:, None, None, None] + ro.cuts.length[:, :, None, None] + k
+  br_id = jnp.arange(1, c + 1).reshape(1, m, a, 1)
+  br_branch = jnp.where(live, br_id, masks.PAD)
+  br_limit = jnp.where(live, p + ro.cuts.length[:, :, None, None], 0)
+  br_train = in_summary & canonical
+  br_adv = jnp.where(br_train, summary_adv[..., None], 0.0)
+  br_lp = jnp.where(br_train, sum_lp, 0.0)
+
+  flat = lambda x: x.reshape(r, c * w)
+  cat = lambda t, b: jnp.concatenate([t, flat(jnp.broadcast_to(b, (r, m, a, w)))], axis=1)
+  return PackedBatch(
+      tokens=cat(trunk_tokens, br_tokens).astype(jnp.int32),
+      positions=cat(trunk_pos, br_pos).astype(jnp.int32),
+      branch=cat(jnp.where(trunk_valid, masks.TRUNK, masks.PAD), br_branch).astype(jnp.int32),
+      limit=cat(jnp.where(trunk_valid, trunk_limit, 0), br_limit).astype(jnp.int32),
+      loss_mask=cat(trunk_train, br_train),
+      old_logp=cat(jnp.concatenate([zeros_p, jnp.where(think_valid, ro.thinking_logp, 0.0)],
+                                   1), br_lp).astype(jnp.float32),
+      advantages=cat(jnp.concatenate([zeros_p, jnp.where(think_valid, think_adv, 0.0)], 1),
+                     br_adv).astype(jnp.float32),
+      is_summary=cat(jnp.zeros_like(trunk_train), br_train),
+      prompt_len=p)
+
+
+def token_logprobs(params, cfg: ModelConfig, batch: PackedBatch, temperature: float = 1.0,
+                   with_entropy: bool = False):
+  """One tree-masked forward over packed rows -> per-slot log-probs [R, T] (slot 0 gets 0) of
+  each token given the slot before it, at `temperature`; and per-slot entropy if asked."""
+  mask = masks.tree_mask(batch.branch, batch.limit)
+  h = dec.forward_hidden(params, cfg, batch.tokens, batch.positions, mask)
+  logits = dec.logits_from_hidden(params, cfg, h[:, :-1]) / temperature
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  tgt = jnp.take_along_axis(logits, batch.tokens[:, 1:, None], axis=-1)[..., 0]
+  logp = jnp.pad(tgt - logz, ((0, 0), (1, 0)))
+  if not with_entropy:
+    return logp
+  probs = jax.nn.softmax(logits, axis=-1)
+  ent = logz - jnp.sum(probs * logits, axis=-1)
+  return logp, jnp.pad(ent, ((0, 0), (1, 0)))
+
+
+def unpack(ro: AnytimeRollout, thinking_adv, summary_adv) -> PackedBatch:
+  """The plain layout, for equivalence tests and benchmarks: every thinking and every branch
+  as its own causal sequence [prompt | thinking[:cut] | inserted | summary], right-padded.
+
+  Returns a PackedBatch of R * (1 + m * A) rows (per thinking: its thinking row, then its
+  branches in (budget, summary) order) of L = P + b_m + W slots. Thinking tokens are trained in
+  the thinking rows, summary tokens in the branch rows; a repeated cut is an empty row.
+  """
+  packed = pack(ro, thinking_adv, summary_adv)
+  r, p = ro.prompt.shape
+  tt = p + ro.thinking.shape[1]  # trunk slots
+  c = ro.summary.shape[1] * ro.summary.shape[2]
+  w = (packed.tokens.shape[1] - tt) // c
+  length = tt + w
+  # Slot t of a branch row reads trunk slot t while t < P + cut, then branch slot t - P - cut.
+  t = jnp.arange(length)[None, None]
+  cut = jnp.repeat(ro.cuts.length, ro.summary.shape[2], axis=1)[..., None]  # [R, C, 1]
+  from_trunk = t < p + cut
+  in_range = from_trunk | (t - p - cut < w)
+  src = jnp.where(from_trunk, t, tt + t - p - cut)
+  src = jnp.clip(src, 0, tt + w - 1)
+
+  def rows(x, fill, thinking_fill=None):
+    """[R, T] packed field -> [R * (1 + C), L] unpacked rows."""
+    trunk, br = x[:, :tt], x[:, tt:].reshape(r, c, w)
+    both = jnp.concatenate([jnp.broadcast_to(trunk[:, None], (r, c, tt)), br], axis=-1)
+    b_rows = jnp.where(in_range, jnp.take_along_axis(both, src, axis=-1), fill)
+    if thinking_fill is not None:  # thinking tokens are trained in the thinking row only
+      b_rows = jnp.where(from_trunk & (t >= p), thinking_fill, b_rows)
+    t_row = jnp.pad(trunk, ((0, 0), (0, w)), constant_values=fill)
+    return jnp.concatenate([t_row[:, None], b_rows.astype(t_row.dtype)], 1).reshape(
+        r * (1 + c), length)
+
+  branch = rows(packed.branch, masks.PAD)
+  # A repeated cut has no branch tokens: its whole row is padding.
+  has_own = jnp.any(packed.branch[:, tt:].reshape(r, c, w) != masks.PAD, axis=-1)
+  has_own = jnp.concatenate([jnp.ones((r, 1), bool), has_own], 1).reshape(-1, 1)
+  valid = (branch != masks.PAD) & has_own
+  return PackedBatch(
+      tokens=rows(packed.tokens, 0),
+      positions=masks.positions_from_valid(valid),
+      branch=jnp.where(valid, masks.TRUNK, masks.PAD).astype(jnp.int32),
+      limit=jnp.where(valid, jnp.arange(1, length + 1)[None], 0).astype(jnp.int32),
+      loss_mask=rows(packed.loss_mask, False, False) & valid,
+      old_logp=rows(packed.old_logp, 0.0, 0.0),
+      advantages=rows(packed.advantages, 0.0, 0.0),
+      is_summary=rows(packed.is_summary, False, False),
+      prompt_len=p)

@@ -1,0 +1,121 @@
+"""Tree packing: packed log-probs and gradients equal each branch run as its own sequence."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from brpo import anytime as at
+from brpo import packing as pk
+from brpo import sampling as smp
+from models import config, decoder as dec
+
+CFG = config.get_config("tiny", vocab_size=64, n_layers=2)
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [20, 21, 22]]
+TOKS = at.AnytimeTokens(eos_id=63, pad_id=0, think_end_ids=(41,),
+                        insert_running=(60, 61, 41, 62, 59), insert_ended=(62, 59))
+SPEC = at.AnytimeConfig(budgets=(4, 8, 16), group_size=2, n_summaries=2, summary_len=6)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  params = dec.init_params(CFG, jax.random.PRNGKey(0))
+  # Sample with sharper weights so thinkings end at different lengths (shared cuts appear).
+  sharp = jax.tree.map(lambda x: x * 4 if x.ndim > 1 else x, params)
+  ro = at.anytime_rollout(sharp, CFG, PROMPTS, SPEC, TOKS, jax.random.PRNGKey(0))
+  r = len(PROMPTS) * SPEC.group_size
+  tadv = jax.random.normal(jax.random.PRNGKey(1), (r, 3))
+  sadv = jax.random.normal(jax.random.PRNGKey(2), (r, 3, 2))
+  return sharp, params, ro, tadv, sadv
+
+
+def test_rollout_has_shared_and_running_cuts(setup):
+  ro = setup[2]
+  canonical = np.asarray(ro.cuts.canonical)
+  assert (canonical != np.arange(3)).any(), "fixture should contain a repeated (shared) cut"
+  assert (~np.asarray(ro.cuts.ended)).any()
+
+
+def test_packed_layout(setup):
+  _, _, ro, tadv, sadv = setup
+  b = pk.pack(ro, tadv, sadv)
+  p, bm = ro.prompt.shape[1], 16
+  w = ro.cuts.insert.shape[2] + SPEC.summary_len
+  assert b.tokens.shape == (8, p + bm + 6 * w)
+  for r in range(8):
+    n_prompt = int(ro.prompt_valid[r].sum())
+    # Nothing of the prompt is trained; the thinking is trained up to its length.
+    assert not np.asarray(b.loss_mask[r, :p]).any()
+    tl = int(ro.thinking_len[r])
+    assert np.asarray(b.loss_mask[r, p:p + tl]).all() and not np.asarray(
+        b.loss_mask[r, p + tl:p + bm]).any()
+    for j in range(3):
+      for a in range(2):
+        c = j * 2 + a
+        sl = slice(p + bm + c * w, p + bm + (c + 1) * w)
+        n_ins = int(ro.cuts.insert_len[r, j])
+        n_sum = int(ro.summary_len[r, j, a])
+        if int(ro.cuts.canonical[r, j]) != j:  # a shared cut: packed once, under its first budget
+          assert (np.asarray(b.branch[r, sl]) == -1).all()
+          continue
+        cut = int(ro.cuts.length[r, j])
+        # Positions continue from the cut; the inserted tokens are never trained.
+        np.testing.assert_array_equal(b.positions[r, sl][:n_ins + n_sum],
+                                      n_prompt + cut + np.arange(n_ins + n_sum))
+        assert not np.asarray(b.loss_mask[r, sl][:n_ins]).any()
+        assert np.asarray(b.loss_mask[r, sl][n_ins:n_ins + n_sum]).all()
+        np.testing.assert_array_equal(b.limit[r, sl][:n_ins + n_sum], p + cut)
+        np.testing.assert_allclose(b.advantages[r, sl][n_ins:n_ins + n_sum], sadv[r, j, a])
+    # Thinking tokens carry their segment's advantage: token t (1-based) is in the first
+    # segment whose budget is >= t.
+    for t in range(1, tl + 1):
+      s = next(j for j, bj in enumerate(SPEC.budgets) if bj >= t)
+      assert float(b.advantages[r, p + t - 1]) == pytest.approx(float(tadv[r, s]))
+
+
+def test_packed_logprobs_equal_sampler_and_unpacked(setup):
+  sharp, _, ro, tadv, sadv = setup
+  packed, plain = pk.pack(ro, tadv, sadv), pk.unpack(ro, tadv, sadv)
+  assert int(packed.loss_mask.sum()) == int(plain.loss_mask.sum())
+  lp = pk.token_logprobs(sharp, CFG, packed)
+  lu = pk.token_logprobs(sharp, CFG, plain)
+  # The sampler's log-probs are the old policy: recomputed by one packed forward.
+  np.testing.assert_allclose(jnp.where(packed.loss_mask, lp, 0), packed.old_logp, atol=1e-5)
+  np.testing.assert_allclose(jnp.where(plain.loss_mask, lu, 0), plain.old_logp, atol=1e-5)
+  # The same multiset of trained (log-prob, advantage) pairs.
+  key = lambda b, l: np.sort(np.asarray(l)[np.asarray(b.loss_mask)] * 1e3 +
+                             np.asarray(b.advantages)[np.asarray(b.loss_mask)])
+  np.testing.assert_allclose(key(packed, lp), key(plain, lu), atol=1e-2)
+
+
+def test_packed_gradients_equal_unpacked(setup):
+  _, params, ro, tadv, sadv = setup
+  packed, plain = pk.pack(ro, tadv, sadv), pk.unpack(ro, tadv, sadv)
+  n = packed.loss_mask.sum()
+
+  def objective(p, b):
+    lp = pk.token_logprobs(p, CFG, b)
+    return jnp.sum(jnp.where(b.loss_mask, lp * b.advantages, 0.0)) / n
+
+  vp, gp = jax.value_and_grad(objective)(params, packed)
+  vu, gu = jax.value_and_grad(objective)(params, plain)
+  np.testing.assert_allclose(vp, vu, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gu)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_entropy_matches_definition(setup):
+  sharp, _, ro, tadv, sadv = setup
+  b = pk.pack(ro, tadv, sadv)
+  lp, ent = pk.token_logprobs(sharp, CFG, b, with_entropy=True)
+  from models import masks
+  logits = dec.forward(sharp, CFG, b.tokens, b.positions, masks.tree_mask(b.branch, b.limit))
+  pr = jax.nn.softmax(logits[:, :-1], -1)
+  ref = -jnp.sum(pr * jnp.log(pr), -1)
+  np.testing.assert_allclose(ent[:, 1:], ref, atol=1e-4)
+  np.testing.assert_allclose(lp, pk.token_logprobs(sharp, CFG, b), atol=1e-6)
+
+
+def test_segment_ids():
+  np.testing.assert_array_equal(pk.segment_ids((2, 4, 6), 6), [0, 0, 1, 1, 2, 2])
+  np.testing.assert_array_equal(smp.bucket_length(3), 8)
