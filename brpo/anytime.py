@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Sequence
 
 import flax.struct
@@ -243,13 +244,16 @@ def anytime_rollout(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                     spec: AnytimeConfig, toks: AnytimeTokens, rng, *,
                     think_strategy=sampling.Temperature(1.0),
                     summary_strategy=sampling.Temperature(1.0),
-                    prompt_length: int | None = None) -> AnytimeRollout:
+                    prompt_length: int | None = None,
+                    timings: dict[str, float] | None = None) -> AnytimeRollout:
   """Samples G thinkings per prompt (up to b_m tokens) and A summaries at every distinct cut.
 
   The thinking is sampled once; its KV cache is then read in place by all m * A branches of its
   row. A budget whose cut equals an earlier budget's (the thinking ended before it) gets no
   branches of its own: `cuts.canonical` points to the budget whose summaries serve it.
+  With `timings`, waits for each phase and records its seconds ("thinking", "summaries").
   """
+  clock = time.perf_counter()
   g, a, s_len = spec.group_size, spec.n_summaries, spec.summary_len
   m = len(spec.budgets)
   rows = [list(p) for p in prompts for _ in range(g)]
@@ -257,6 +261,10 @@ def anytime_rollout(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   out, state = sampling.sample(
       params, cfg, rows, spec.b_max, think_strategy, toks.thinking_stops, rng_think,
       pad_id=toks.pad_id, prompt_length=prompt_length, write_last=True, return_state=True)
+  if timings is not None:
+    jax.block_until_ready(out.tokens)
+    timings["thinking"] = time.perf_counter() - clock
+    clock = time.perf_counter()
   cuts = compute_cuts(out.lengths, out.stop_reason, spec.budgets, toks)
   r = len(rows)
   rep = lambda x: jnp.repeat(x, a, axis=1)  # [R, m, ...] -> [R, m * A, ...]
@@ -266,6 +274,9 @@ def anytime_rollout(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
       params, cfg, state.cache, state.start, state.n_prompt, rep(cuts.length), rep(cuts.insert),
       rep(cuts.insert_len), active, rng_sum, prompt_len=prompt_len, summary_len=s_len,
       strategy=summary_strategy, eos_id=toks.eos_id, pad_id=toks.pad_id)
+  if timings is not None:
+    jax.block_until_ready(tokens)
+    timings["summaries"] = time.perf_counter() - clock
   shape = (r, m, a)
   tokens = tokens.reshape(*shape, -1)
   logp = logp.reshape(*shape, -1)

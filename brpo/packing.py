@@ -34,6 +34,10 @@ class PackedBatch:
   advantages: jax.Array  # float32 per-token advantages (0 elsewhere)
   is_summary: jax.Array  # bool: trained summary tokens (the rest of loss_mask is thinking)
   prompt_len: int = flax.struct.field(pytree_node=False, default=0)
+  # Layout: slots [0, trunk_len) are the trunk, then n_branches blocks of equal width.
+  # n_branches = 0: plain causal rows (see `unpack`).
+  trunk_len: int = flax.struct.field(pytree_node=False, default=0)
+  n_branches: int = flax.struct.field(pytree_node=False, default=0)
 
   @property
   def response_len(self) -> int:
@@ -46,7 +50,7 @@ def segment_ids(budgets, n: int):
   return jnp.searchsorted(jnp.asarray(budgets), jnp.arange(1, n + 1), side="left")
 
 
-def pack(ro: AnytimeRollout, thinking_adv, summary_adv) -> PackedBatch:
+def pack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) -> PackedBatch:
   """Packs an anytime rollout into training rows.
 
   Args:
@@ -54,6 +58,8 @@ def pack(ro: AnytimeRollout, thinking_adv, summary_adv) -> PackedBatch:
     thinking_adv: [R, m] advantage of each thinking segment (tokens in (b_{s-1}, b_s]).
     summary_adv: [R, m, A] advantage of each summary. Budgets whose cut repeats an earlier
       budget's (ro.cuts.canonical != j) are not packed: their summaries are trained once.
+    summary_train: optional [R, m, A] bool, the summaries to train (e.g. only the one at b_m
+      for the GRPO summary baseline); default all distinct cuts.
   Returns:
     PackedBatch [R, T].
   """
@@ -95,6 +101,8 @@ def pack(ro: AnytimeRollout, thinking_adv, summary_adv) -> PackedBatch:
   br_branch = jnp.where(live, br_id, masks.PAD)
   br_limit = jnp.where(live, p + ro.cuts.length[:, :, None, None], 0)
   br_train = in_summary & canonical
+  if summary_train is not None:
+    br_train = br_train & summary_train[..., None]
   br_adv = jnp.where(br_train, summary_adv[..., None], 0.0)
   br_lp = jnp.where(br_train, sum_lp, 0.0)
 
@@ -111,15 +119,59 @@ def pack(ro: AnytimeRollout, thinking_adv, summary_adv) -> PackedBatch:
       advantages=cat(jnp.concatenate([zeros_p, jnp.where(think_valid, think_adv, 0.0)], 1),
                      br_adv).astype(jnp.float32),
       is_summary=cat(jnp.zeros_like(trunk_train), br_train),
-      prompt_len=p)
+      prompt_len=p, trunk_len=p + b_max, n_branches=c)
+
+
+def tree_attention(q, k, v, batch: PackedBatch):
+  """Attention over packed rows that uses their block structure instead of a dense [T, T] mask.
+
+  Trunk queries attend causally within the trunk; the W queries of branch c attend to trunk
+  slots < its limit and causally within their own branch, through one softmax. Score work is
+  Tt^2 + C W (Tt + W) instead of (Tt + C W)^2. Equals `attention` with `tree_mask` (tested).
+  q: [B, T, H, Dh]; k, v: [B, T, K, Dh] -> [B, T, H, Dh].
+  """
+  b, t, h, dh = q.shape
+  kh = k.shape[2]
+  tt, c = batch.trunk_len, batch.n_branches
+  trunk_mask = masks.tree_mask(batch.branch[:, :tt], batch.limit[:, :tt])
+  out_trunk = dec.attention(q[:, :tt], k[:, :tt], v[:, :tt], trunk_mask)
+  if c == 0:
+    return out_trunk
+  w = (t - tt) // c
+  qb = q[:, tt:].reshape(b, c, w, kh, h // kh, dh)
+  kb = k[:, tt:].reshape(b, c, w, kh, dh)
+  vb = v[:, tt:].reshape(b, c, w, kh, dh)
+  br_valid = batch.branch[:, tt:].reshape(b, c, w) > 0
+  limit = jnp.max(batch.limit[:, tt:].reshape(b, c, w), axis=-1)  # [B, C]
+  trunk_valid = batch.branch[:, :tt] == masks.TRUNK
+  see_trunk = trunk_valid[:, None, :] & (jnp.arange(tt)[None, None] < limit[..., None])
+  see_own = br_valid[:, :, None, :] & (jnp.arange(w)[:, None] >= jnp.arange(w)[None, :])
+  scale = dh ** -0.5
+  s_tr = jnp.einsum("bcwkgd,btkd->bckgwt", qb, k[:, :tt],
+                    preferred_element_type=jnp.float32) * scale
+  s_own = jnp.einsum("bcwkgd,bcskd->bckgws", qb, kb, preferred_element_type=jnp.float32) * scale
+  s_tr = jnp.where(see_trunk[:, :, None, None, None, :], s_tr, dec.NEG_INF)
+  s_own = jnp.where(see_own[:, :, None, None], s_own, dec.NEG_INF)
+  p = jax.nn.softmax(jnp.concatenate([s_tr, s_own], axis=-1), axis=-1)
+  p_tr, p_own = p[..., :tt].astype(v.dtype), p[..., tt:].astype(v.dtype)
+  o = (jnp.einsum("bckgwt,btkd->bcwkgd", p_tr, v[:, :tt])
+       + jnp.einsum("bckgws,bcskd->bcwkgd", p_own, vb))
+  return jnp.concatenate([out_trunk, o.reshape(b, c * w, h, dh)], axis=1)
 
 
 def token_logprobs(params, cfg: ModelConfig, batch: PackedBatch, temperature: float = 1.0,
-                   with_entropy: bool = False):
-  """One tree-masked forward over packed rows -> per-slot log-probs [R, T] (slot 0 gets 0) of
-  each token given the slot before it, at `temperature`; and per-slot entropy if asked."""
-  mask = masks.tree_mask(batch.branch, batch.limit)
-  h = dec.forward_hidden(params, cfg, batch.tokens, batch.positions, mask)
+                   with_entropy: bool = False, dense: bool = False):
+  """One forward over packed rows -> per-slot log-probs [R, T] (slot 0 gets 0) of each token
+  given the slot before it, at `temperature`; and per-slot entropy if asked.
+
+  `dense` uses a full [T, T] tree mask instead of `tree_attention` (the reference).
+  """
+  if dense:
+    mask = masks.tree_mask(batch.branch, batch.limit)
+    attend = lambda q, k, v, s: (dec.attention(q, k, v, mask), s)
+  else:
+    attend = lambda q, k, v, s: (tree_attention(q, k, v, batch), s)
+  h, _ = dec.decoder(params, cfg, batch.tokens, batch.positions, attend, [None] * cfg.n_layers)
   logits = dec.logits_from_hidden(params, cfg, h[:, :-1]) / temperature
   logz = jax.nn.logsumexp(logits, axis=-1)
   tgt = jnp.take_along_axis(logits, batch.tokens[:, 1:, None], axis=-1)[..., 0]
@@ -131,7 +183,7 @@ def token_logprobs(params, cfg: ModelConfig, batch: PackedBatch, temperature: fl
   return logp, jnp.pad(ent, ((0, 0), (1, 0)))
 
 
-def unpack(ro: AnytimeRollout, thinking_adv, summary_adv) -> PackedBatch:
+def unpack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) -> PackedBatch:
   """The plain layout, for equivalence tests and benchmarks: every thinking and every branch
   as its own causal sequence [prompt | thinking[:cut] | inserted | summary], right-padded.
 
@@ -139,7 +191,7 @@ def unpack(ro: AnytimeRollout, thinking_adv, summary_adv) -> PackedBatch:
   branches in (budget, summary) order) of L = P + b_m + W slots. Thinking tokens are trained in
   the thinking rows, summary tokens in the branch rows; a repeated cut is an empty row.
   """
-  packed = pack(ro, thinking_adv, summary_adv)
+  packed = pack(ro, thinking_adv, summary_adv, summary_train)
   r, p = ro.prompt.shape
   tt = p + ro.thinking.shape[1]  # trunk slots
   c = ro.summary.shape[1] * ro.summary.shape[2]
@@ -178,4 +230,4 @@ def unpack(ro: AnytimeRollout, thinking_adv, summary_adv) -> PackedBatch:
       old_logp=rows(packed.old_logp, 0.0, 0.0),
       advantages=rows(packed.advantages, 0.0, 0.0),
       is_summary=rows(packed.is_summary, False, False),
-      prompt_len=p)
+      prompt_len=p, trunk_len=length, n_branches=0)

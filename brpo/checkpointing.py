@@ -1,0 +1,59 @@
+"""Checkpoints of a run with orbax: the train state (params, optimizer, step, RNG) restored
+straight into its sharded layout, plus JSON metadata (config, data position).
+
+Orbax writes each step into a temporary folder and renames it when complete, so a run killed
+mid-save never leaves a checkpoint that a restart would pick up.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """A thin wrapper over `ocp.CheckpointManager` with items "state" and "meta"."""
+
+  def __init__(self, directory: str, keep: int = 3, save_every: int = 1):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
+                                           create=True, enable_async_checkpointing=False)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "meta"))
+    self.save_every = save_every
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict[str, Any], force: bool = False) -> bool:
+    saved = self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    self.manager.wait_until_finished()
+    return saved
+
+  def restore_meta(self, step: int | None = None) -> dict[str, Any]:
+    step = self.latest_step() if step is None else step
+    return self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Restores (state, meta). `abstract_state` is a state (or its jax.eval_shape) whose arrays'
+    shardings say where each restored array goes."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        abstract_state)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    return out["state"], out["meta"]
+
+  def close(self):
+    self.manager.close()

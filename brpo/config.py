@@ -1,0 +1,190 @@
+"""Frozen configuration of a run: what experiments/gsm_math.py parses its flags into.
+
+Library functions take these dataclasses, never global flags, so a notebook can build them by
+hand. Each group mirrors one flag group of the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from brpo import advantages as adv_lib
+from brpo import budgets as budgets_lib
+from brpo import loss as loss_lib
+
+SUMMARY_ADVANTAGES = ("decoupled", "grpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Which model: a named config (random init or the tiny warm start), a HF folder or a GGUF."""
+
+  model: str = "tiny"  # a name in models.config.CONFIGS, or a path (HF folder / .gguf file)
+  tokenizer: str = ""  # .model / tokenizer.json path; empty: beside the checkpoint
+  init: str = "warmstart"  # "warmstart" (tiny task), "random", or "checkpoint" (model is a path)
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  template: str = "plain"  # models.tokenizer.TEMPLATES
+  max_prompt_len: int = 256
+  long_prompts: str = "skip"  # "skip" (and count) or "error"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  train: str = "arith:train"
+  eval: str = "arith:test"
+  eval_size: int = 128  # questions used for evaluation (0: all)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """One RL step: anytime rollout, grading, advantages, PPO update (SPEC §2-§8)."""
+
+  budgets: tuple[int, ...] = ()  # explicit support; else b_max and n_budgets
+  b_max: int = 96
+  n_budgets: int = 4
+  prior: str = "uniform"  # uniform | linear | base
+  prior_weights: tuple[float, ...] = ()
+  n_summaries: int = 4  # A
+  summary_len: int = 16  # S
+  thinking_baseline: str = "brpo"  # brpo | v1only | v2only | none
+  summary_advantage: str = "decoupled"  # decoupled | grpo
+  lam: float = 0.5
+  group_size: int = 8  # G
+  prompts_per_batch: int = 16  # N prompts per rollout
+  mini_batch_prompts: int = 8  # prompts per optimizer step
+  ppo_epochs: int = 1
+  micro_batches: int = 1  # gradient accumulation inside one optimizer step
+  clip_low: float = 0.2
+  clip_high: float = 0.2
+  loss_agg: str = "dr_grpo"
+  kl_coef: float = 0.0
+  kl_type: str = "k3"
+  entropy_coef: float = 0.0
+  temperature: float = 1.0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    checks = [
+        (self.thinking_baseline in adv_lib.BASELINES, "thinking_baseline",
+         f"one of {adv_lib.BASELINES}"),
+        (self.summary_advantage in SUMMARY_ADVANTAGES, "summary_advantage",
+         f"one of {SUMMARY_ADVANTAGES}"),
+        (self.loss_agg in loss_lib.AGGREGATIONS, "loss_agg", f"one of {loss_lib.AGGREGATIONS}"),
+        (self.kl_type in loss_lib.KL_TYPES, "kl_type", f"one of {loss_lib.KL_TYPES}"),
+        (self.group_size >= 1, "group_size", ">= 1"),
+        (self.n_summaries >= 1, "n_summaries", ">= 1"),
+        (self.summary_len >= 1, "summary_len", ">= 1"),
+        (self.prompts_per_batch >= 1, "prompts_per_batch", ">= 1"),
+        (self.ppo_epochs >= 1, "ppo_epochs", ">= 1"),
+        (self.micro_batches >= 1, "micro_batches", ">= 1"),
+        (self.lam > 0, "lam", "> 0"),
+        (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
+        (self.temperature > 0, "temperature", "> 0 (rollouts sample)"),
+    ]
+    for ok, name, what in checks:
+      if not ok:
+        raise ValueError(f"--{name}={getattr(self, name)!r}: must be {what}")
+    if self.prompts_per_batch % max(self.mini_batch_prompts, 1) or self.mini_batch_prompts < 1:
+      raise ValueError(f"--mini_batch_prompts={self.mini_batch_prompts} must divide "
+                       f"--prompts_per_batch={self.prompts_per_batch}")
+    rows = self.mini_batch_prompts * self.group_size
+    if rows % self.micro_batches:
+      raise ValueError(f"--micro_batches={self.micro_batches} must divide the mini-batch of "
+                       f"{rows} thinkings (mini_batch_prompts x group_size)")
+    if self.group_size == 1 and self.thinking_baseline in ("brpo", "v2only"):
+      raise ValueError(f"--group_size=1 with --thinking_baseline={self.thinking_baseline}: the "
+                       "group baseline V2 of a single thinking is its own return (advantage 0)")
+    if self.group_size == 1 and self.summary_advantage == "grpo":
+      raise ValueError("--group_size=1 with --summary_advantage=grpo: the group baseline of one "
+                       "summary is itself (advantage 0)")
+    self.budget_spec  # validates the support and the prior
+
+  @property
+  def budget_spec(self) -> budgets_lib.BudgetSpec:
+    weights = self.prior_weights or None
+    prior = None if weights else self.prior
+    if self.budgets:
+      return budgets_lib.make_budgets(budgets=self.budgets, prior=prior, weights=weights)
+    return budgets_lib.make_budgets(b_max=self.b_max, m=self.n_budgets, prior=prior,
+                                    weights=weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW (SPEC §7 defaults are the paper's; the tiny default uses a larger lr)."""
+
+  lr: float = 1e-6
+  b1: float = 0.9
+  b2: float = 0.999
+  weight_decay: float = 0.01
+  grad_clip: float = 1.0
+  schedule: str = "constant"  # constant | cosine | linear
+  warmup_steps: int = 0
+
+  def __post_init__(self):
+    if self.schedule not in ("constant", "cosine", "linear"):
+      raise ValueError(f"--lr_schedule={self.schedule!r}: must be constant, cosine or linear")
+    if self.lr <= 0:
+      raise ValueError(f"--lr={self.lr}: must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  n_budgets: int = 32  # K budgets evenly spaced up to b_max
+  b_max: int = 0  # 0: the training b_max
+  samples: int = 1  # thinkings per question
+  temperature: float = 0.6
+  top_p: float = 1.0
+  summary_len: int = 0  # 0: the training summary length
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  workdir: str = "workdir/tiny_cpu"
+  mode: str = "train"  # train | eval
+  steps: int = 40
+  eval_every: int = 0  # 0: only at the end
+  checkpoint_every: int = 10
+  keep_checkpoints: int = 3
+  log_every: int = 1
+  seed: int = 0
+  mesh: tuple[int, int, int] = (1, 1, -1)  # data, fsdp, tensor (-1: the rest)
+  warmstart_dir: str = "workdir/warmstart_tiny"
+  warmstart_steps: int = 0  # 0: the warm start's default
+  max_bad_steps: int = 3  # stop after this many consecutive non-finite updates
+  grader_workers: int = 2
+  grader_timeout_s: float = 5.0
+  distributed: str = "auto"  # auto | on | off: jax.distributed.initialize
+  progress: bool = True
+
+  def __post_init__(self):
+    if self.mode not in ("train", "eval"):
+      raise ValueError(f"--mode={self.mode!r}: must be train or eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  model: ModelSpec = ModelSpec()
+  data: DataConfig = DataConfig()
+  rl: RLConfig = RLConfig()
+  optim: OptimConfig = OptimConfig()
+  eval: EvalConfig = EvalConfig()
+  run: RunConfig = RunConfig()
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+  def training_signature(self) -> dict[str, Any]:
+    """The settings a checkpoint must agree with to be resumed (not paths, steps or logging)."""
+    d = self.to_dict()
+    keep = {"model": ("model", "init", "dtype", "param_dtype", "template"),
+            "rl": tuple(f.name for f in dataclasses.fields(RLConfig)),
+            "optim": tuple(f.name for f in dataclasses.fields(OptimConfig)),
+            "data": ("train",), "run": ("seed",)}
+    return json.loads(json.dumps({g: {k: d[g][k] for k in ks} for g, ks in keep.items()}))

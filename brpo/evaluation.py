@@ -1,0 +1,115 @@
+"""Anytime evaluation (SPEC §9): accuracy at K budgets from one thinking per sample cut K ways,
+the anytime score (mean over budgets), final accuracy and mean thinking length; and the plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import tqdm
+
+from brpo import anytime as at
+from brpo import rl as rl_lib
+from brpo import sampling
+from models.config import ModelConfig
+from models.tokenizer import Tokenizer
+
+
+def eval_budgets(b_max: int, k: int = 32) -> tuple[int, ...]:
+  """K budgets evenly spaced up to b_max (b_max/K, 2 b_max/K, ..., b_max), rounded, distinct."""
+  if b_max < 1 or k < 1:
+    raise ValueError(f"eval budgets need b_max >= 1 and K >= 1, got b_max={b_max}, K={k}")
+  return tuple(sorted({max(1, round(b_max * (i + 1) / k)) for i in range(k)}))
+
+
+def evaluate(params, cfg: ModelConfig, tokenizer: Tokenizer, toks: at.AnytimeTokens,
+             prompts: Sequence[Sequence[int]], references: Sequence[Any], *,
+             budgets: Sequence[int], samples: int = 1, summary_len: int = 16,
+             temperature: float = 0.6, top_p: float = 1.0, grader, rng,
+             batch_prompts: int = 32, prompt_length: int | None = None,
+             progress: bool = True) -> dict[str, Any]:
+  """Accuracy against budget from one anytime rollout per (question, sample).
+
+  Every thinking is sampled once up to max(budgets) and cut at every budget; one summary per
+  distinct cut. Returns {"budgets", "accuracy", "anytime_score", "final_accuracy",
+  "mean_thinking_tokens", "n_questions", "samples"}.
+  """
+  if not prompts:
+    raise ValueError("evaluation needs at least one question")
+  spec = at.AnytimeConfig(budgets=tuple(budgets), group_size=samples, n_summaries=1,
+                          summary_len=summary_len)
+  strategy = sampling.make_strategy(temperature, top_p)
+  n = len(prompts)
+  bp = min(batch_prompts, n)
+  correct = np.zeros(len(budgets))
+  think_tokens = 0.0
+  count = 0
+  bar = tqdm.tqdm(range(0, n, bp), desc="eval", disable=not progress, leave=False)
+  for i, start in enumerate(bar):
+    idx = list(range(start, min(start + bp, n)))
+    keep = len(idx)
+    idx += [idx[-1]] * (bp - keep)  # pad the last batch: same shapes, no recompilation
+    ro = at.anytime_rollout(params, cfg, [prompts[k] for k in idx], spec, toks,
+                            jax.random.fold_in(rng, i), think_strategy=strategy,
+                            summary_strategy=strategy, prompt_length=prompt_length)
+    rows = keep * samples
+    refs = [references[k] for k in idx for _ in range(samples)]
+    rewards = rl_lib.score_rollout(ro, tokenizer, toks, refs, grader)[:rows, :, 0]
+    correct += rewards.sum(0)
+    think_tokens += float(np.asarray(ro.thinking_len)[:rows].sum())
+    count += rows
+  acc = correct / count
+  return {"budgets": [int(b) for b in budgets], "accuracy": [float(a) for a in acc],
+          "anytime_score": float(acc.mean()), "final_accuracy": float(acc[-1]),
+          "mean_thinking_tokens": think_tokens / count, "n_questions": n, "samples": samples}
+
+
+def write_eval(result: dict[str, Any], workdir: str, name: str = "eval") -> str:
+  path = os.path.join(workdir, f"{name}.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=1)
+  os.replace(tmp, path)  # never a half-written eval.json
+  return path
+
+
+def budget_table(result: dict[str, Any], max_rows: int = 8) -> str:
+  """A small text table of accuracy against budget."""
+  b, a = result["budgets"], result["accuracy"]
+  step = max(1, len(b) // max_rows)
+  rows = list(range(step - 1, len(b), step))
+  if rows[-1] != len(b) - 1:
+    rows.append(len(b) - 1)
+  lines = ["budget  accuracy", "------  --------"]
+  lines += [f"{b[i]:>6}  {a[i]:8.3f}" for i in rows]
+  lines.append(f"anytime score {result['anytime_score']:.3f}, final accuracy "
+               f"{result['final_accuracy']:.3f}, mean thinking tokens "
+               f"{result['mean_thinking_tokens']:.1f}")
+  return "\n".join(lines)
+
+
+def plot_accuracy(results: dict[str, dict[str, Any]], path: str, title: str = "") -> str:
+  """Accuracy against budget, one line per run, written as a PNG."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  for name, r in results.items():
+    ax.plot(r["budgets"], r["accuracy"], marker=".", label=f"{name} ({r['anytime_score']:.3f})")
+  ax.set_xlabel("thinking budget (tokens)")
+  ax.set_ylabel("accuracy")
+  ax.set_ylim(0, 1)
+  ax.grid(alpha=0.3)
+  ax.legend(title="run (anytime score)", fontsize=8)
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path

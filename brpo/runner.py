@@ -1,0 +1,373 @@
+"""A whole run from an ExperimentConfig: model and data set-up, the RL loop with checkpoints and
+logs, and evaluation. experiments/gsm_math.py parses flags into the config and calls `main`.
+
+Outputs in the workdir: metrics.jsonl (one line per RL step), tb/ (TensorBoard), checkpoints/,
+eval.json and accuracy.png (evaluation), config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import tqdm
+
+from brpo import anytime as at
+from brpo import data as data_lib
+from brpo import evaluation
+from brpo import rl as rl_lib
+from brpo import sampling
+from brpo.checkpointing import Checkpointer
+from brpo.config import ExperimentConfig
+from models import decoder as dec
+from models import sharding as shd
+from models import tokenizer as tok_lib
+from models.config import CONFIGS, ModelConfig, get_config
+
+log = logging.getLogger("brpo")
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up.
+
+
+def maybe_initialize_distributed(mode: str) -> None:
+  """jax.distributed.initialize for multi-host runs ("on"; "auto" does it on TPU pods and when
+  a coordinator address is in the environment)."""
+  if mode == "off":
+    return
+  env = os.environ
+  auto = any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")) or (
+      "TPU_WORKER_HOSTNAMES" in env and "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+  if mode == "on" or auto:
+    jax.distributed.initialize()
+
+
+def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] = ()):
+  """(ModelConfig, params, tokenizer) for `ec.model`."""
+  spec = ec.model
+  numerics = dict(dtype=spec.dtype, param_dtype=spec.param_dtype)
+  if spec.init == "warmstart":
+    from brpo import arith, warmstart
+
+    if not ec.data.train.startswith("arith:"):
+      raise ValueError(f"--init=warmstart trains the tiny arithmetic task, but --train_data="
+                       f"{ec.data.train!r}; use --init=checkpoint or --init=random")
+    _, _, _, task = arith.parse_spec(ec.data.train)
+    ws = warmstart.WarmStartConfig(model=spec.model, task=task, seed=ec.run.seed)
+    if ec.run.warmstart_steps:
+      ws = ws.__class__(**{**ws.__dict__, "steps": ec.run.warmstart_steps})
+    cfg, params, tokenizer = warmstart.warm_start(ec.run.warmstart_dir, ws,
+                                                  progress=ec.run.progress,
+                                                  eval_examples=eval_examples)
+    return cfg.replace(**numerics), params, tokenizer
+  if spec.init == "random":
+    if spec.model not in CONFIGS:
+      raise ValueError(f"--model={spec.model!r}: --init=random needs a named config "
+                       f"({', '.join(CONFIGS)})")
+    if not spec.tokenizer:
+      raise ValueError("--init=random needs --tokenizer (a .model or tokenizer.json file)")
+    tokenizer = tok_lib.load_tokenizer(spec.tokenizer)
+    cfg = get_config(spec.model, **numerics)
+    if tokenizer.vocab_size > cfg.vocab_size:
+      cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
+    return cfg, dec.init_params(cfg, jax.random.PRNGKey(ec.run.seed)), tokenizer
+  if spec.init == "checkpoint":
+    from models import checkpoint as ckpt_lib
+
+    path = spec.model
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"--model={path}: no such file or folder")
+    if path.endswith(".gguf"):
+      cfg, params = ckpt_lib.load_gguf(path, dtype=spec.param_dtype)
+      tok_path = spec.tokenizer or ckpt_lib.tokenizer_from_gguf(
+          path, os.path.join(ec.run.workdir, "tokenizer"))
+    else:
+      cfg, params = ckpt_lib.load_hf(path, dtype=spec.param_dtype)
+      tok_path = spec.tokenizer or path
+    return cfg.replace(**numerics), params, tok_lib.load_tokenizer(tok_path)
+  raise ValueError(f"--init={spec.init!r}: must be warmstart, random or checkpoint")
+
+
+def encode_prompts(examples: Sequence[data_lib.Example], tokenizer, template: str,
+                   max_len: int, policy: str, what: str):
+  """Examples -> (prompt token lists, references, number skipped for being too long)."""
+  fmt = tok_lib.get_template(template)
+  prompts, refs, skipped = [], [], 0
+  for e in examples:
+    ids = tokenizer.encode(fmt(e.question))
+    if len(ids) > max_len:
+      if policy == "error":
+        raise ValueError(f"{what}: question {e.id!r} is {len(ids)} tokens, more than "
+                         f"--max_prompt_len={max_len} (or use --long_prompts=skip)")
+      skipped += 1
+      continue
+    prompts.append(ids)
+    refs.append(e.answers if e.alternatives else e.answer)
+  if not prompts:
+    raise ValueError(f"{what}: no question fits in --max_prompt_len={max_len}")
+  return prompts, refs, skipped
+
+
+class MetricsWriter:
+  """metrics.jsonl (one JSON object per step) and a TensorBoard writer; process 0 only."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def truncate_after(self, step: int) -> None:
+    """On resume: drop lines of steps after the restored checkpoint (they will be redone)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(lines)
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+    for k, v in metrics.items():
+      if isinstance(v, (int, float)) and np.isfinite(v):
+        self.tb.add_scalar(k, v, step)
+    self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _prompt_length(prompts: Sequence[Sequence[int]]) -> int:
+  return sampling.bucket_length(max(len(p) for p in prompts))
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs.
+
+
+class Run:
+  """The pieces of a run shared by training and evaluation."""
+
+  def __init__(self, ec: ExperimentConfig):
+    self.ec = ec
+    run = ec.run
+    self.is_main = jax.process_index() == 0
+    os.makedirs(run.workdir, exist_ok=True)
+    self.mesh = shd.make_mesh(run.mesh)
+    eval_examples = data_lib.load_dataset(ec.data.eval)
+    if ec.data.eval_size:
+      eval_examples = eval_examples[:ec.data.eval_size]
+    self.cfg, params, self.tokenizer = load_model(ec, eval_examples)
+    self.params = params
+    self.toks = at.AnytimeTokens.from_tokenizer(self.tokenizer)
+    ev = encode_prompts(eval_examples, self.tokenizer, ec.model.template,
+                        ec.model.max_prompt_len, ec.model.long_prompts, f"--eval_data={ec.data.eval}")
+    self.eval_prompts, self.eval_refs, self.eval_skipped = ev
+    self.eval_examples = eval_examples
+    from brpo.rewards import Grader
+
+    self.grader = Grader(num_workers=run.grader_workers, timeout_s=run.grader_timeout_s)
+
+  def evaluate(self, params, step: int | None = None) -> dict[str, Any]:
+    ec = self.ec
+    b_max = ec.eval.b_max or ec.rl.budget_spec.b_max
+    budgets = evaluation.eval_budgets(b_max, ec.eval.n_budgets)
+    result = evaluation.evaluate(
+        params, self.cfg, self.tokenizer, self.toks, self.eval_prompts, self.eval_refs,
+        budgets=budgets, samples=ec.eval.samples,
+        summary_len=ec.eval.summary_len or ec.rl.summary_len, temperature=ec.eval.temperature,
+        top_p=ec.eval.top_p, grader=self.grader,
+        rng=jax.random.fold_in(jax.random.PRNGKey(ec.run.seed + 1), step or 0),
+        batch_prompts=min(64, max(8, ec.rl.prompts_per_batch)),
+        prompt_length=_prompt_length(self.eval_prompts), progress=ec.run.progress)
+    result["step"] = step
+    result["eval_data"] = ec.data.eval
+    return result
+
+  def close(self):
+    self.grader.close()
+
+
+def train(ec: ExperimentConfig) -> dict[str, Any]:
+  """The RL loop; resumes from the latest checkpoint in the workdir. Returns the final eval."""
+  run, rl = ec.run, ec.rl
+  r = Run(ec)
+  cfg, mesh = r.cfg, r.mesh
+  train_examples = data_lib.load_dataset(ec.data.train)
+  train_examples, dropped = data_lib.dedup_train_eval(train_examples, r.eval_examples)
+  prompts, refs, skipped = encode_prompts(
+      train_examples, r.tokenizer, ec.model.template, ec.model.max_prompt_len,
+      ec.model.long_prompts, f"--train_data={ec.data.train}")
+  log.info("train: %d questions (%d dropped as in eval, %d too long); eval: %d", len(prompts),
+           dropped, skipped, len(r.eval_prompts))
+  prompt_length = _prompt_length(prompts)
+  spec = at.AnytimeConfig(budgets=rl.budget_spec.budgets, group_size=rl.group_size,
+                          n_summaries=rl.n_summaries, summary_len=rl.summary_len)
+  n_ins = max(len(r.toks.insert_running), len(r.toks.insert_ended))
+  response_len = spec.b_max + len(spec.budgets) * rl.n_summaries * (n_ins + rl.summary_len)
+  updates_per_step = rl.ppo_epochs * (rl.prompts_per_batch // rl.mini_batch_prompts)
+  optimizer = rl_lib.make_optimizer(ec.optim, run.steps * updates_per_step)
+  state = rl_lib.init_train_state(r.params, optimizer, run.seed, mesh, dec.param_axes(cfg),
+                                  with_ref=rl.kl_coef > 0)
+  del r.params
+  # The state keeps its layout (jit follows the committed shardings of its inputs; rows of a
+  # mini-batch are split over (data, fsdp) by rl._put_rows).
+  train_step = rl_lib.make_train_step(cfg, optimizer, rl, response_len)
+  lr_fn = rl_lib.lr_schedule(ec.optim, run.steps * updates_per_step)
+  ctx = rl_lib.RLContext(cfg=cfg, tokenizer=r.tokenizer, toks=r.toks, rl=rl, grader=r.grader,
+                         train_step=train_step, lr_fn=lambda s: lr_fn(s * updates_per_step),
+                         mesh=mesh, prompt_length=prompt_length)
+  data = data_lib.DataIterator(list(range(len(prompts))), rl.prompts_per_batch, run.seed)
+  ckpt = Checkpointer(os.path.join(run.workdir, "checkpoints"), keep=run.keep_checkpoints)
+  writer = MetricsWriter(run.workdir, enabled=r.is_main)
+  signature = ec.training_signature()
+  start = 0
+  if ckpt.latest_step() is not None:
+    meta = ckpt.restore_meta()
+    if meta.get("signature") != signature:
+      diff = _signature_diff(meta.get("signature") or {}, signature)
+      raise ValueError(f"{run.workdir}: holds a checkpoint of a different config ({diff}); "
+                       "use another --workdir or the same flags")
+    state, meta = ckpt.restore(state)
+    data.restore(meta["data"])
+    start = int(meta["step"])
+    writer.truncate_after(start)
+    log.info("resumed from %s at step %d", ckpt.directory, start)
+  if r.is_main:
+    with open(os.path.join(run.workdir, "config.json"), "w") as f:
+      f.write(ec.to_json())
+  bad_streak = 0
+  history: list[dict[str, Any]] = []
+  t_start = time.time()
+  bar = tqdm.tqdm(range(start, run.steps), initial=start, total=run.steps, desc="rl",
+                  disable=not (run.progress and r.is_main))
+  try:
+    for step in bar:
+      batch = next(data)
+      state, metrics = rl_lib.rl_step(state, [prompts[i] for i in batch],
+                                      [refs[i] for i in batch], ctx)
+      metrics["wall_s"] = time.time() - t_start
+      writer.write(step + 1, metrics)
+      history.append({"step": step + 1, **metrics})
+      bar.set_postfix(anytime=f"{metrics['anytime_score']:.3f}",
+                      reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
+      if metrics["bad_updates"] == updates_per_step:
+        bad_streak += 1
+        log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)",
+                    step + 1, bad_streak)
+        if bad_streak >= run.max_bad_steps:
+          raise FloatingPointError(
+              f"{bad_streak} consecutive steps with non-finite loss or gradients (step "
+              f"{step + 1}); stopping. The last checkpoint in {ckpt.directory} is intact "
+              f"(step {ckpt.latest_step()}); lower --lr or raise --max_bad_steps")
+        continue
+      bad_streak = 0
+      done = step + 1
+      if run.checkpoint_every and (done % run.checkpoint_every == 0 or done == run.steps):
+        ckpt.save(done, state, {"step": done, "data": data.state(), "signature": signature,
+                                "config": ec.to_dict()})
+      if run.eval_every and done % run.eval_every == 0 and done != run.steps:
+        res = r.evaluate(state.params, done)
+        if r.is_main:
+          evaluation.write_eval(res, run.workdir, f"eval_step{done}")
+          writer.write(done, {"eval/anytime_score": res["anytime_score"],
+                              "eval/final_accuracy": res["final_accuracy"]})
+    result = r.evaluate(state.params, run.steps)
+    if r.is_main:
+      evaluation.write_eval(result, run.workdir)
+      evaluation.plot_accuracy({os.path.basename(run.workdir.rstrip("/")): result},
+                               os.path.join(run.workdir, "accuracy.png"))
+      print(run_table(history, result, time.time() - t_start))
+    return result
+  finally:
+    writer.close()
+    ckpt.close()
+    r.close()
+
+
+def evaluate_only(ec: ExperimentConfig) -> dict[str, Any]:
+  """--mode=eval: the latest checkpoint of the workdir if any, else the initial model."""
+  r = Run(ec)
+  try:
+    params = r.params
+    ckdir = os.path.join(ec.run.workdir, "checkpoints")
+    if os.path.isdir(ckdir):
+      ckpt = Checkpointer(ckdir)
+      if ckpt.latest_step() is not None:
+        # The saved state's tree depends on the saved run's optimizer: rebuild its template.
+        saved = config_from_dict(ckpt.restore_meta()["config"])
+        upd = saved.rl.ppo_epochs * (saved.rl.prompts_per_batch // saved.rl.mini_batch_prompts)
+        opt = rl_lib.make_optimizer(saved.optim, saved.run.steps * upd)
+        template = rl_lib.init_train_state(params, opt, saved.run.seed, r.mesh,
+                                           dec.param_axes(r.cfg),
+                                           with_ref=saved.rl.kl_coef > 0)
+        state, _ = ckpt.restore(template)
+        params = state.params
+        log.info("evaluating checkpoint step %d of %s", ckpt.latest_step(), ckdir)
+      ckpt.close()
+    result = r.evaluate(params, None)
+    evaluation.write_eval(result, ec.run.workdir)
+    evaluation.plot_accuracy({os.path.basename(ec.run.workdir.rstrip("/")): result},
+                             os.path.join(ec.run.workdir, "accuracy.png"))
+    print(evaluation.budget_table(result))
+    return result
+  finally:
+    r.close()
+
+
+def config_from_dict(d: dict[str, Any]) -> ExperimentConfig:
+  """The inverse of ExperimentConfig.to_dict (lists back to tuples)."""
+  from brpo import config as c
+
+  conv = lambda cls, x: cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in x.items()})
+  return c.ExperimentConfig(model=conv(c.ModelSpec, d["model"]), data=conv(c.DataConfig, d["data"]),
+                            rl=conv(c.RLConfig, d["rl"]), optim=conv(c.OptimConfig, d["optim"]),
+                            eval=conv(c.EvalConfig, d["eval"]), run=conv(c.RunConfig, d["run"]))
+
+
+def _signature_diff(saved: dict[str, Any], now: dict[str, Any]) -> str:
+  out = []
+  for g in sorted(set(saved) | set(now)):
+    for k in sorted(set(saved.get(g, {})) | set(now.get(g, {}))):
+      a, b = saved.get(g, {}).get(k), now.get(g, {}).get(k)
+      if a != b:
+        out.append(f"{k}: saved {a!r}, now {b!r}")
+  return "; ".join(out[:6]) + ("; ..." if len(out) > 6 else "")
+
+
+def run_table(history: list[dict[str, Any]], result: dict[str, Any], seconds: float) -> str:
+  """The end-of-run table: a few training steps, then accuracy against budget."""
+  lines = [f"\n=== run finished in {seconds:.0f} s ===",
+           f"{'step':>5} {'reward':>7} {'anytime':>8} {'final':>6} {'think_len':>9} "
+           f"{'loss':>8} {'clip':>6} {'s/step':>7}"]
+  pick = sorted({0, len(history) // 2, len(history) - 1}) if history else []
+  for i in pick:
+    h = history[i]
+    lines.append(f"{h['step']:>5} {h['reward']:7.3f} {h['anytime_score']:8.3f} "
+                 f"{h['final_accuracy']:6.3f} {h['thinking_len']:9.1f} {h['loss']:8.4f} "
+                 f"{h.get('clip_frac', 0):6.3f} {h['seconds/step']:7.2f}")
+  lines.append("\nevaluation:")
+  lines.append(evaluation.budget_table(result))
+  return "\n".join(lines)
+
+
+def main(ec: ExperimentConfig) -> dict[str, Any]:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+  maybe_initialize_distributed(ec.run.distributed)
+  return train(ec) if ec.run.mode == "train" else evaluate_only(ec)
