@@ -37,21 +37,30 @@ class AnytimeTokens:
 
   eos_id: int
   pad_id: int
-  think_end_ids: tuple[int, ...]
+  think_end_ids: tuple[int, ...]  # the form written into inserted text
   insert_running: tuple[int, ...]  # "...\n\n...\n\n</think>" + "\n\n**Final Answer**\n"
   insert_ended: tuple[int, ...]  # "\n\n**Final Answer**\n"
+  # Every token sequence that ends a thinking with `</think>` (one with a dedicated token).
+  think_end_variants: tuple[tuple[int, ...], ...] = ()
 
   @classmethod
   def from_tokenizer(cls, tok: Tokenizer) -> "AnytimeTokens":
     marker = tuple(tok.encode(ANSWER_MARKER))
     running = tuple(tok.encode(ELLIPSIS_TEXT)) + tuple(tok.think_end_ids) + marker
     return cls(eos_id=tok.eos_id, pad_id=tok.pad_id, think_end_ids=tuple(tok.think_end_ids),
-               insert_running=running, insert_ended=marker)
+               insert_running=running, insert_ended=marker,
+               think_end_variants=tuple(getattr(tok, "think_end_variants", ())))
 
   @property
   def thinking_stops(self) -> list[tuple[int, ...]]:
-    """Stop sequences of the thinking, indexed by END_THINK and END_EOS."""
-    return [self.think_end_ids, (self.eos_id,)]
+    """Stop sequences of the thinking: the `</think>` forms, then end of sequence (last)."""
+    return list(self.think_end_variants or (self.think_end_ids,)) + [(self.eos_id,)]
+
+  def end_kind(self, stop_reason):
+    """Sampler stop index [R] -> END_BUDGET (-1), END_THINK or END_EOS."""
+    n_think = len(self.thinking_stops) - 1
+    return jnp.where(stop_reason < 0, END_BUDGET,
+                     jnp.where(stop_reason < n_think, END_THINK, END_EOS)).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +274,8 @@ def anytime_rollout(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     jax.block_until_ready(out.tokens)
     timings["thinking"] = time.perf_counter() - clock
     clock = time.perf_counter()
-  cuts = compute_cuts(out.lengths, out.stop_reason, spec.budgets, toks)
+  thinking_end = toks.end_kind(out.stop_reason)
+  cuts = compute_cuts(out.lengths, thinking_end, spec.budgets, toks)
   r = len(rows)
   rep = lambda x: jnp.repeat(x, a, axis=1)  # [R, m, ...] -> [R, m * A, ...]
   active = rep(cuts.canonical == jnp.arange(m)[None, :])
@@ -290,6 +300,6 @@ def anytime_rollout(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   prompt, valid = sampling.pad_prompts(rows, toks.pad_id, prompt_len)
   return AnytimeRollout(
       prompt=jnp.asarray(prompt), prompt_valid=jnp.asarray(valid), thinking=out.tokens,
-      thinking_logp=out.logprobs, thinking_len=out.lengths, thinking_end=out.stop_reason,
+      thinking_logp=out.logprobs, thinking_len=out.lengths, thinking_end=thinking_end,
       cuts=cuts, summary=summary, summary_logp=summary_logp,
       summary_len=gen_len, budgets=jnp.asarray(spec.budgets, jnp.int32))

@@ -27,6 +27,7 @@ class Tokenizer(Protocol):
   pad_id: int
   bos_id: int | None
   think_end_ids: tuple[int, ...]
+  think_end_variants: tuple[tuple[int, ...], ...]
 
   def encode(self, text: str) -> list[int]: ...
 
@@ -61,6 +62,26 @@ class _Base:
     self.bos_id = find(BOS_NAMES, bos, "beginning-of-sequence")
     single = self.token_to_id(THINK_END)
     self.think_end_ids = (single,) if single is not None else tuple(self.encode(THINK_END))
+    self.think_end_variants = self._think_end_variants(single)
+
+  def _think_end_variants(self, single: int | None) -> tuple[tuple[int, ...], ...]:
+    """Every token sequence that writes `</think>` after common left contexts.
+
+    With a dedicated token there is one. Otherwise BPE merges the "</" with what precedes it
+    (SmolLM2: "</" "think" ">" but " </" "think" ">"), so the sampler must stop on each form:
+    for each context, the shortest token suffix of its encoding whose text holds `</think>`.
+    """
+    if single is not None:
+      return ((single,),)
+    out = []
+    for left in ("", " ", "  ", "\n", "\n\n", ".", ":", ")", "x", "1", "$", "}"):
+      ids = self.encode(left + THINK_END)
+      for k in range(1, len(ids) + 1):
+        if THINK_END in self.decode(ids[-k:]):
+          if tuple(ids[-k:]) not in out:
+            out.append(tuple(ids[-k:]))
+          break
+    return tuple(out)
 
   def __repr__(self):
     return (f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, "
