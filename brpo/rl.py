@@ -152,10 +152,14 @@ def compute_advantages(rewards: np.ndarray, rl: RLConfig, canonical: np.ndarray)
     summ = adv_lib.summary_advantages(rewards)
     train = np.broadcast_to(distinct[..., None], rewards.shape)
   else:
+    # One summary per thinking, the one at b_m: that of its last distinct cut.
+    last = canonical[:, -1].reshape(n, g)
     summ = np.zeros_like(rewards)
-    summ[:, :, -1, 0] = adv_lib.grpo_summary_advantages(rewards[:, :, -1, 0])
     train = np.zeros(rewards.shape, bool)
-    train[:, :, -1, 0] = distinct[:, :, -1]
+    adv = adv_lib.grpo_summary_advantages(rewards[:, :, -1, 0])
+    nn, gg = np.meshgrid(np.arange(n), np.arange(g), indexing="ij")
+    summ[nn, gg, last, 0] = adv
+    train[nn, gg, last, 0] = True
   r = n * g
   return (think.reshape(r, m).astype(np.float32), summ.reshape(r, m, a).astype(np.float32),
           train.reshape(r, m, a))
@@ -209,7 +213,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, r
       (grads, terms), _ = jax.lax.scan(body, (zero_grads, zero_terms), micro)
     denom = jnp.where(terms.loss_denom > 0, terms.loss_denom, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(terms.loss)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,120 @@
+"""The RL update: sharded equals single-device, micro-batch accumulation equals the full batch,
+non-finite updates are skipped, and the advantage wiring of each named run."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from brpo import anytime as at
+from brpo import config as C
+from brpo import packing as pk
+from brpo import rl as rl_lib
+from models import config, decoder as dec, sharding as shd
+
+CFG = config.get_config("tiny", vocab_size=64, n_layers=2)
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [20, 21, 22]]
+TOKS = at.AnytimeTokens(eos_id=63, pad_id=0, think_end_ids=(41,),
+                        insert_running=(60, 61, 41, 62, 59), insert_ended=(62, 59))
+RL = C.RLConfig(budgets=(4, 8, 16), n_summaries=2, summary_len=6, group_size=2,
+                prompts_per_batch=4, mini_batch_prompts=4, micro_batches=1)
+
+
+@pytest.fixture(scope="module")
+def batch():
+  params = dec.init_params(CFG, jax.random.PRNGKey(0))
+  sharp = jax.tree.map(lambda x: x * 4 if x.ndim > 1 else x, params)
+  spec = at.AnytimeConfig(budgets=RL.budgets, group_size=2, n_summaries=2, summary_len=6)
+  ro = at.anytime_rollout(sharp, CFG, PROMPTS, spec, TOKS, jax.random.PRNGKey(0))
+  rewards = np.asarray(jax.random.bernoulli(jax.random.PRNGKey(3), 0.5, (4, 2, 3, 2)),
+                       np.float32)
+  t, s, train = rl_lib.compute_advantages(rewards, RL, np.asarray(ro.cuts.canonical))
+  b = pk.pack(ro, jnp.asarray(t), jnp.asarray(s), summary_train=jnp.asarray(train))
+  # Old log-probs from the sampler of the sharp model: the ratio is far from 1 for `params`,
+  # so clipping is exercised.
+  return params, b
+
+
+def _run(params, b, rl, mesh=None):
+  # Adam's first update is about lr * sign(g) wherever g is not ~0: lr = 1e-4 keeps float noise
+  # in near-zero gradients under the 1e-5 tolerance while a wrong update would exceed it.
+  opt = rl_lib.make_optimizer(C.OptimConfig(lr=1e-4), 10)
+  params = jax.tree.map(jnp.copy, params)  # the step donates the state
+  state = rl_lib.init_train_state(params, opt, 0, mesh, dec.param_axes(CFG) if mesh else None)
+  step = rl_lib.make_train_step(CFG, opt, rl, b.response_len)
+  if mesh is not None:
+    b = jax.tree.map(lambda x: rl_lib._put_rows(x, mesh), b)
+  state, met = step(state, b)
+  return jax.device_get(state.params), jax.device_get(met)
+
+
+def test_train_step_sharded_equals_single_device(batch):
+  params, b = batch
+  p1, m1 = _run(params, b, RL)
+  mesh = shd.make_mesh((1, 4, 2))
+  p8, m8 = _run(params, b, RL, mesh)
+  assert m1["clip_frac"] > 0  # the update does clip
+  np.testing.assert_allclose(m8["loss"], m1["loss"], atol=1e-5)
+  np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(x, y, atol=1e-5)
+  assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(params),
+                                                      jax.tree.leaves(p1)))
+
+
+@pytest.mark.parametrize("agg", ["dr_grpo", "token_mean", "seq_mean_token_mean"])
+def test_micro_batches_equal_full_batch(batch, agg):
+  params, b = batch
+  full = C.RLConfig(**{**RL.__dict__, "loss_agg": agg})
+  micro = C.RLConfig(**{**RL.__dict__, "loss_agg": agg, "micro_batches": 4})
+  p1, m1 = _run(params, b, full)
+  p4, m4 = _run(params, b, micro)
+  for k in ("loss", "grad_norm", "clip_frac", "approx_kl_old"):
+    np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, atol=1e-6)
+  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+    np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_non_finite_update_is_skipped(batch):
+  params, b = batch
+  bad = b.replace(advantages=b.advantages.at[0, b.prompt_len].set(jnp.nan))
+  p, m = _run(params, bad, RL)
+  assert m["finite"] == 0
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(p)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_compute_advantages_modes():
+  rewards = np.zeros((1, 2, 3, 2), np.float32)
+  rewards[0, 0] = [[1, 0], [1, 1], [1, 1]]
+  rewards[0, 1] = [[0, 0], [0, 1], [0, 0]]
+  canonical = np.array([[0, 1, 2], [0, 1, 1]])  # thinking 1 ended before b_3
+  t, s, train = rl_lib.compute_advantages(rewards, RL, canonical)
+  # Decoupled: r - mean over the A summaries of the same cut, trained on distinct cuts only.
+  np.testing.assert_allclose(s[0, 0], [0.5, -0.5])
+  np.testing.assert_allclose(s[1, 1], [-0.5, 0.5])
+  assert train[0].all() and train[1, :2].all() and not train[1, 2].any()
+  # Thinking, uniform prior, brpo: R_1 of thinking 0 = (0.5 + 1 + 1) / 3.
+  r0 = np.array([0.5 + 1 + 1, 1 + 1, 1]) / 3
+  r1 = np.array([0 + 0.5 + 0, 0.5 + 0, 0]) / 3
+  v2 = (r0 + r1) / 2
+  assert t[0, 0] == pytest.approx(r0[0] - v2[0])
+  # GRPO summary advantage: only the b_m summary, baseline over the G thinkings.
+  grpo = C.RLConfig(**{**RL.__dict__, "summary_advantage": "grpo", "n_summaries": 1})
+  _, s, train = rl_lib.compute_advantages(rewards[..., :1], grpo, canonical)
+  # Thinking 1 ended before b_3: its b_m summary is the one of its b_2 cut, trained there.
+  np.testing.assert_allclose(s[:, :, 0], [[0, 0, 0.5], [0, -0.5, 0]])
+  np.testing.assert_array_equal(train[:, :, 0], [[0, 0, 1], [0, 1, 0]])
+
+
+def test_config_errors_name_the_flag():
+  with pytest.raises(ValueError, match="--group_size=1 with --thinking_baseline=brpo"):
+    C.RLConfig(group_size=1)
+  with pytest.raises(ValueError, match="--mini_batch_prompts=3 must divide"):
+    C.RLConfig(prompts_per_batch=16, mini_batch_prompts=3)
+  with pytest.raises(ValueError, match="strictly increasing"):
+    C.RLConfig(budgets=(8, 4))
+  with pytest.raises(ValueError, match="sum"):
+    C.RLConfig(prior_weights=(0.5, 0.6, 0.0, 0.0))
+  with pytest.raises(ValueError, match="--thinking_baseline='nope'"):
+    C.RLConfig(thinking_baseline="nope")
