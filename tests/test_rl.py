@@ -12,7 +12,9 @@ from brpo import packing as pk
 from brpo import rl as rl_lib
 from models import config, decoder as dec, sharding as shd
 
-CFG = config.get_config("tiny", vocab_size=64, n_layers=2)
+# Fixed here (not the named "tiny", which may be retuned): expected tokens depend on it.
+CFG = config.ModelConfig(vocab_size=64, d_model=192, n_layers=2, n_heads=6, n_kv_heads=2,
+                         head_dim=32, mlp_dim=512, tie_embeddings=True, max_seq_len=2048)
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [20, 21, 22]]
 TOKS = at.AnytimeTokens(eos_id=63, pad_id=0, think_end_ids=(41,),
                         insert_running=(60, 61, 41, 62, 59), insert_ended=(62, 59))
