@@ -154,6 +154,7 @@ class RunConfig:
   mesh: tuple[int, int, int] = (1, 1, -1)  # data, fsdp, tensor (-1: the rest)
   warmstart_dir: str = "workdir/warmstart_tiny"
   warmstart_steps: int = 0  # 0: the warm start's default
+  warmstart_seed: int = 0  # fixed apart from --seed, so runs of several seeds share one warm start
   max_bad_steps: int = 3  # stop after this many consecutive non-finite updates
   grader_workers: int = 2
   grader_timeout_s: float = 5.0

@@ -60,7 +60,7 @@ def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] =
       raise ValueError(f"--init=warmstart trains the tiny arithmetic task, but --train_data="
                        f"{ec.data.train!r}; use --init=checkpoint or --init=random")
     _, _, _, task = arith.parse_spec(ec.data.train)
-    ws = warmstart.WarmStartConfig(model=spec.model, task=task, seed=ec.run.seed)
+    ws = warmstart.WarmStartConfig(model=spec.model, task=task, seed=ec.run.warmstart_seed)
     if ec.run.warmstart_steps:
       ws = ws.__class__(**{**ws.__dict__, "steps": ec.run.warmstart_steps})
     cfg, params, tokenizer = warmstart.warm_start(ec.run.warmstart_dir, ws,

@@ -105,6 +105,8 @@ flags.DEFINE_string("warmstart_dir", C.RunConfig.warmstart_dir,
                     "Where the tiny task's warm start is trained or reused.")
 flags.DEFINE_integer("warmstart_steps", C.RunConfig.warmstart_steps,
                      "Warm-start SFT steps (0: its default).")
+flags.DEFINE_integer("warmstart_seed", C.RunConfig.warmstart_seed,
+                     "Seed of the warm start (apart from --seed: seeds share one warm start).")
 flags.DEFINE_integer("max_bad_steps", C.RunConfig.max_bad_steps,
                      "Stop after this many consecutive steps with non-finite loss/gradients.")
 flags.DEFINE_integer("grader_workers", C.RunConfig.grader_workers, "Grading processes.")
@@ -157,7 +159,8 @@ def config_from_flags(f=FLAGS) -> C.ExperimentConfig:
       run=C.RunConfig(workdir=f.workdir, mode=f.mode, steps=f.steps, eval_every=f.eval_every,
                       checkpoint_every=f.checkpoint_every, keep_checkpoints=f.keep_checkpoints,
                       seed=f.seed, mesh=mesh, warmstart_dir=f.warmstart_dir,
-                      warmstart_steps=f.warmstart_steps, max_bad_steps=f.max_bad_steps,
+                      warmstart_steps=f.warmstart_steps, warmstart_seed=f.warmstart_seed,
+                      max_bad_steps=f.max_bad_steps,
                       grader_workers=f.grader_workers, grader_timeout_s=f.grader_timeout_s,
                       distributed=f.distributed, progress=f.progress))
 
