@@ -139,6 +139,7 @@ class EvalConfig:
   temperature: float = 0.6
   top_p: float = 1.0
   summary_len: int = 0  # 0: the training summary length
+  periodic_size: int = 0  # questions for the evaluations during training (--eval_every); 0: all
 
 
 @dataclasses.dataclass(frozen=True)

@@ -186,12 +186,14 @@ class Run:
 
     self.grader = Grader(num_workers=run.grader_workers, timeout_s=run.grader_timeout_s)
 
-  def evaluate(self, params, step: int | None = None) -> dict[str, Any]:
+  def evaluate(self, params, step: int | None = None, limit: int = 0) -> dict[str, Any]:
+    """Anytime evaluation on the eval set (its first `limit` questions when limit > 0)."""
     ec = self.ec
     b_max = ec.eval.b_max or ec.rl.budget_spec.b_max
     budgets = evaluation.eval_budgets(b_max, ec.eval.n_budgets)
+    n = limit or len(self.eval_prompts)
     result = evaluation.evaluate(
-        params, self.cfg, self.tokenizer, self.toks, self.eval_prompts, self.eval_refs,
+        params, self.cfg, self.tokenizer, self.toks, self.eval_prompts[:n], self.eval_refs[:n],
         budgets=budgets, samples=ec.eval.samples,
         summary_len=ec.eval.summary_len or ec.rl.summary_len, temperature=ec.eval.temperature,
         top_p=ec.eval.top_p, grader=self.grader,
@@ -285,7 +287,7 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
         ckpt.save(done, state, {"step": done, "data": data.state(), "signature": signature,
                                 "config": ec.to_dict()})
       if run.eval_every and done % run.eval_every == 0 and done != run.steps:
-        res = r.evaluate(state.params, done)
+        res = r.evaluate(state.params, done, ec.eval.periodic_size)
         if r.is_main:
           evaluation.write_eval(res, run.workdir, f"eval_step{done}")
           writer.write(done, {"eval/anytime_score": res["anytime_score"],

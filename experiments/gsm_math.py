@@ -91,6 +91,8 @@ flags.DEFINE_float("eval_temperature", C.EvalConfig.temperature, "Evaluation tem
 flags.DEFINE_float("eval_top_p", C.EvalConfig.top_p, "Evaluation top-p.")
 flags.DEFINE_integer("eval_summary_len", C.EvalConfig.summary_len,
                      "Summary length at evaluation (0: --summary_len).")
+flags.DEFINE_integer("eval_periodic_size", C.EvalConfig.periodic_size,
+                     "Questions used by the evaluations during training (0: all of --eval_size).")
 # Run.
 flags.DEFINE_string("workdir", C.RunConfig.workdir, "Checkpoints, metrics and plots go here.")
 flags.DEFINE_enum("mode", C.RunConfig.mode, ["train", "eval"], "Train (resumes) or evaluate.")
@@ -155,7 +157,7 @@ def config_from_flags(f=FLAGS) -> C.ExperimentConfig:
                           warmup_steps=f.warmup_steps),
       eval=C.EvalConfig(n_budgets=f.eval_budgets, b_max=f.eval_b_max, samples=f.eval_samples,
                         temperature=f.eval_temperature, top_p=f.eval_top_p,
-                        summary_len=f.eval_summary_len),
+                        summary_len=f.eval_summary_len, periodic_size=f.eval_periodic_size),
       run=C.RunConfig(workdir=f.workdir, mode=f.mode, steps=f.steps, eval_every=f.eval_every,
                       checkpoint_every=f.checkpoint_every, keep_checkpoints=f.keep_checkpoints,
                       seed=f.seed, mesh=mesh, warmstart_dir=f.warmstart_dir,
