@@ -1,0 +1,404 @@
+"""Evidence at small scale: the seven named runs of SPEC §8 over several seeds, the variance of
+the thinking advantage (the paper's Figure 3), and a short run on real data.
+
+  python experiments/ablation.py                 # everything, from scratch (see --help)
+  python experiments/ablation.py --report_only   # rewrite docs/RESULTS.md from results/*.json
+
+Every run starts from the same warm-started tiny model (results/warmstart) and gets the same
+training budget: the same number of RL steps, prompts and thinkings per step, and b_max, so the
+same number of sampled thinking tokens at most; the summaries each method samples on top are
+reported (generated tokens). Writes results/ablation.json, results/variance.json,
+results/real_data.json, the plots in results/, and docs/RESULTS.md (whose numbers are read from
+those files). A run that was already completed in results/runs/ is resumed, not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+RUNS = ("grpo", "grpo_linear", "grpo_decouple", "grpo_vr", "ar_base", "ar_linear", "ar_uniform")
+LABELS = {"grpo": "GRPO", "grpo_linear": "GRPO+linear", "grpo_decouple": "GRPO+decouple",
+          "grpo_vr": "GRPO+vr", "ar_base": "AR-base", "ar_linear": "AR-linear",
+          "ar_uniform": "AR-uniform"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--runs", default=",".join(RUNS))
+  ap.add_argument("--seeds", default="0,1,2")
+  ap.add_argument("--steps", type=int, default=40, help="RL steps per run")
+  ap.add_argument("--out", default="results")
+  ap.add_argument("--report", default="docs/RESULTS.md")
+  ap.add_argument("--eval_every", type=int, default=10,
+                  help="evaluate every N steps (the anytime-score training curve)")
+  ap.add_argument("--eval_periodic_size", type=int, default=64,
+                  help="questions in those evaluations (the final one uses all)")
+  ap.add_argument("--extra", default="", help="more flags for every run, comma separated")
+  ap.add_argument("--variance_prompts", type=int, default=64)
+  ap.add_argument("--skip_real", action="store_true", help="skip the SmolLM2 GSM8K run")
+  ap.add_argument("--real_steps", type=int, default=3)
+  ap.add_argument("--report_only", action="store_true")
+  return ap.parse_args(argv)
+
+
+def _flags(name: str, seed: int, args) -> list[str]:
+  out = os.path.abspath(args.out)
+  extra = [f for f in args.extra.split(",") if f]
+  return [f"--flagfile=experiments/configs/{name}.flags", f"--seed={seed}",
+          f"--workdir={out}/runs/{name}/seed{seed}", f"--warmstart_dir={out}/warmstart",
+          f"--steps={args.steps}", f"--eval_every={args.eval_every}",
+          f"--eval_periodic_size={args.eval_periodic_size}", "--progress=false", *extra]
+
+
+def _load_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The named runs.
+
+
+def run_ablation(args) -> dict:
+  from brpo import runner
+  from experiments import gsm_math
+
+  runs = args.runs.split(",")
+  seeds = [int(s) for s in args.seeds.split(",")]
+  total = len(runs) * len(seeds)
+  print(f"ablation: {len(runs)} runs x {len(seeds)} seeds = {total} trainings of {args.steps} "
+        f"RL steps, each followed by a 32-budget evaluation. On 2 CPU cores one training takes "
+        f"about 2-5 minutes (GRPO runs are the cheapest): expect roughly {total * 3.5 / 60:.1f} "
+        f"hours, plus ~10 minutes for the variance and real-data parts. Completed runs in "
+        f"{args.out}/runs are resumed, not redone.", flush=True)
+  results: dict = {}
+  started = time.time()
+  done = 0
+  for name in runs:
+    results[name] = {}
+    for seed in seeds:
+      t = time.time()
+      ec = gsm_math.config_from_args(_flags(name, seed, args))
+      res = runner.main(ec)
+      metrics = [m for m in _load_jsonl(os.path.join(ec.run.workdir, "metrics.jsonl"))
+                 if "generated_tokens" in m]  # step lines (not the periodic eval lines)
+      curve = []
+      for step in range(args.eval_every, args.steps, args.eval_every or args.steps):
+        with open(os.path.join(ec.run.workdir, f"eval_step{step}.json")) as f:
+          e = json.load(f)
+        curve.append({"step": step, "anytime_score": e["anytime_score"],
+                      "final_accuracy": e["final_accuracy"], "n_questions": e["n_questions"]})
+      results[name][str(seed)] = {
+          "eval_curve": curve,
+          "budgets": res["budgets"], "accuracy": res["accuracy"],
+          "anytime_score": res["anytime_score"], "final_accuracy": res["final_accuracy"],
+          "mean_thinking_tokens": res["mean_thinking_tokens"],
+          "train_curve": [{k: m[k] for k in ("step", "reward", "final_accuracy", "thinking_len",
+                                               "generated_tokens") if k in m}
+                          for m in metrics],
+          "generated_tokens": float(sum(m["generated_tokens"] for m in metrics)),
+          "train_seconds": float(sum(m["seconds/step"] for m in metrics)),
+      }
+      done += 1
+      eta = (time.time() - started) / done * (total - done)
+      print(f"[{done}/{total}] {name} seed {seed}: anytime {res['anytime_score']:.3f} final "
+            f"{res['final_accuracy']:.3f} ({time.time() - t:.0f} s; about {eta / 60:.0f} min "
+            f"left)", flush=True)
+  return results
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Variance of the thinking advantage (Figure 3), on one batch of warm-start thinkings.
+
+
+def measure_variance(args) -> dict:
+  import jax
+
+  from brpo import advantages as adv_lib
+  from brpo import anytime as at
+  from brpo import data as data_lib
+  from brpo import rl as rl_lib
+  from brpo import runner
+  from brpo import sampling
+  from brpo.rewards import Grader
+  from experiments import gsm_math
+
+  ec = gsm_math.config_from_args(_flags("ar_uniform", 0, args))
+  cfg, params, tokenizer = runner.load_model(ec)
+  toks = at.AnytimeTokens.from_tokenizer(tokenizer)
+  examples = data_lib.load_dataset(ec.data.eval)[:args.variance_prompts]
+  prompts, refs, _ = runner.encode_prompts(examples, tokenizer, ec.model.template,
+                                           ec.model.max_prompt_len, "skip", ec.data.eval)
+  rl = ec.rl
+  spec = at.AnytimeConfig(budgets=rl.budget_spec.budgets, group_size=rl.group_size,
+                          n_summaries=rl.n_summaries, summary_len=rl.summary_len)
+  strategy = sampling.make_strategy(rl.temperature, rl.top_p)
+  ro = at.anytime_rollout(params, cfg, prompts, spec, toks, jax.random.PRNGKey(1234),
+                          think_strategy=strategy, summary_strategy=strategy,
+                          prompt_length=runner._prompt_length(prompts))
+  with Grader(num_workers=1) as grader:
+    rewards = rl_lib.score_rollout(ro, tokenizer, toks, [r for r in refs
+                                                         for _ in range(rl.group_size)], grader)
+  n, g, m = len(prompts), rl.group_size, len(spec.budgets)
+  cut = rewards.reshape(n, g, m, -1).mean(-1).astype(np.float64)
+  probs = np.asarray(rl.budget_spec.probs, np.float64)
+  out = {"budgets": list(spec.budgets), "prior": rl.prior, "n_prompts": n, "group_size": g,
+         "n_summaries": rl.n_summaries, "mean_reward_per_budget": cut.mean((0, 1)).tolist(),
+         "relative_variance": {}, "corr_with_R": {}}
+  returns, _ = adv_lib.returns_and_baselines(cut, probs, "none")
+  for mode in ("brpo", "v2only", "v1only"):
+    R, V = adv_lib.returns_and_baselines(cut, probs, mode, rl.lam)
+    out["relative_variance"][mode] = [float(x) for x in adv_lib.relative_variance(R, V)]
+  # Correlations of the two baselines with the return, per segment.
+  for mode in ("v1only", "v2only"):
+    _, V = adv_lib.returns_and_baselines(cut, probs, mode, rl.lam)
+    corr = []
+    for s in range(m):
+      r_s, v_s = returns[..., s].ravel(), V[..., s].ravel()
+      ok = np.std(r_s) > 0 and np.std(v_s) > 0
+      corr.append(float(np.corrcoef(r_s, v_s)[0, 1]) if ok else float("nan"))
+    out["corr_with_R"]["V1" if mode == "v1only" else "V2"] = corr
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Real data: SmolLM2-135M-Instruct on GSM8K, a few RL steps.
+
+
+def real_data(args) -> dict:
+  from brpo import runner
+  from experiments import gsm_math
+
+  data = os.path.join(os.path.dirname(ROOT), "shared", "data", "gsm8k")
+  if not os.path.isdir(data):
+    return {"skipped": f"{data} not found"}
+  out = os.path.abspath(args.out)
+  ec = gsm_math.config_from_args([
+      "--flagfile=experiments/configs/smollm2_135m_gsm8k.flags",
+      f"--train_data={data}/train.jsonl", f"--eval_data={data}/test.jsonl",
+      f"--workdir={out}/runs/smollm2_gsm8k", f"--steps={args.real_steps}", "--eval_size=16",
+      "--progress=false"])
+  t = time.time()
+  res = runner.main(ec)
+  metrics = [m for m in _load_jsonl(os.path.join(ec.run.workdir, "metrics.jsonl"))
+             if "generated_tokens" in m]
+  return {"config": "experiments/configs/smollm2_135m_gsm8k.flags", "eval": res,
+          "steps": [{k: v for k, v in m.items() if k.startswith(("accuracy@", "seconds/"))
+                     or k in ("step", "reward", "thinking_len", "frac_think_end",
+                              "generated_tokens")} for m in metrics],
+          "wall_seconds": time.time() - t}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+
+def _ms(xs) -> str:
+  xs = np.asarray(xs, float)
+  return f"{100 * xs.mean():.1f} ± {100 * xs.std():.1f}"
+
+
+def plots(results: dict, variance: dict | None, out: str) -> list[str]:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  paths = []
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+  for name, seeds in results.items():
+    acc = np.mean([s["accuracy"] for s in seeds.values()], 0)
+    budgets = next(iter(seeds.values()))["budgets"]
+    ax.plot(budgets, acc, marker=".", label=f"{LABELS.get(name, name)}")
+  ax.set_xlabel("thinking budget (tokens)")
+  ax.set_ylabel("accuracy (mean over seeds)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  paths.append(os.path.join(out, "ablation_accuracy.png"))
+  fig.savefig(paths[-1])
+  plt.close(fig)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+  for name, seeds in results.items():
+    s0 = next(iter(seeds.values()))
+    steps = [c["step"] for c in s0["eval_curve"]]
+    if steps:
+      curve = np.mean([[c["anytime_score"] for c in s["eval_curve"]] for s in seeds.values()], 0)
+      axes[0].plot(steps, curve, marker="o", label=LABELS.get(name, name))
+    acc = np.mean([[c["final_accuracy"] for c in s["train_curve"]] for s in seeds.values()], 0)
+    k = max(1, len(acc) // 8)
+    smooth = np.convolve(acc, np.ones(k) / k, mode="valid")
+    axes[1].plot(np.arange(len(smooth)) + k, smooth, label=LABELS.get(name, name))
+  axes[0].set_xlabel("RL step")
+  axes[0].set_ylabel("anytime score (periodic evaluation)")
+  axes[1].set_xlabel("RL step")
+  axes[1].set_ylabel("training accuracy at b_max (smoothed)")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  paths.append(os.path.join(out, "ablation_training.png"))
+  fig.savefig(paths[-1])
+  plt.close(fig)
+  if variance:
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    seg = np.arange(1, len(variance["budgets"]) + 1)
+    for mode, vals in variance["relative_variance"].items():
+      ax.plot(seg, vals, marker="o", label=mode)
+    ax.set_xlabel("segment s")
+    ax.set_ylabel("Var(R_s - V_s) / Var(R_s)")
+    ax.set_xticks(seg)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out, "variance.png"))
+    fig.savefig(paths[-1])
+    plt.close(fig)
+  return paths
+
+
+def write_report(args) -> str:
+  out = args.out
+  with open(os.path.join(out, "ablation.json")) as f:
+    results = json.load(f)
+  variance = real = meta = None
+  for name in ("variance", "real_data", "meta"):
+    p = os.path.join(out, f"{name}.json")
+    if os.path.exists(p):
+      with open(p) as f:
+        val = json.load(f)
+      variance, real, meta = (val if name == "variance" else variance,
+                              val if name == "real_data" else real,
+                              val if name == "meta" else meta)
+  plots(results, variance, out)
+  rel = lambda p: os.path.relpath(p, os.path.dirname(args.report))
+  L = ["# Results: anytime reasoning on the tiny task", "",
+       "Generated by `python experiments/ablation.py` (rewrite from the JSON files with "
+       "`--report_only`); every number below is read from `results/*.json`.", ""]
+  if meta:
+    L += [f"Hardware: {meta['hardware']}. Command: `{meta['command']}`. Wall time: "
+          f"{meta['wall_seconds'] / 60:.0f} minutes. Seeds: {meta['seeds']}; {meta['steps']} RL "
+          f"steps per run from one warm start.", ""]
+  names = [n for n in RUNS if n in results]
+  L += ["## Final accuracy and anytime score (mean ± std over seeds, %)", "",
+        "| run | final accuracy | anytime score | mean thinking tokens | generated tokens | seeds |",
+        "|---|---|---|---|---|---|"]
+  for n in names:
+    s = list(results[n].values())
+    L.append(f"| {LABELS[n]} | {_ms([x['final_accuracy'] for x in s])} | "
+             f"{_ms([x['anytime_score'] for x in s])} | "
+             f"{np.mean([x['mean_thinking_tokens'] for x in s]):.1f} | "
+             f"{np.mean([x['generated_tokens'] for x in s]):,.0f} | {len(s)} |")
+  budgets = next(iter(results[names[0]].values()))["budgets"]
+  idx = sorted({0, len(budgets) // 4, len(budgets) // 2, 3 * len(budgets) // 4,
+                len(budgets) - 1})
+  L += ["", "## Accuracy at selected budgets (mean over seeds, %)", "",
+        "| run | " + " | ".join(f"b={budgets[i]}" for i in idx) + " |",
+        "|---|" + "---|" * len(idx)]
+  for n in names:
+    acc = np.mean([x["accuracy"] for x in results[n].values()], 0)
+    L.append(f"| {LABELS[n]} | " + " | ".join(f"{100 * acc[i]:.1f}" for i in idx) + " |")
+  L += ["", f"![accuracy against budget]({rel(os.path.join(out, 'ablation_accuracy.png'))})",
+        "", f"![training curves]({rel(os.path.join(out, 'ablation_training.png'))})", ""]
+  # Goals.
+  def mean_of(n, k):
+    return float(np.mean([x[k] for x in results[n].values()])) if n in results else float("nan")
+
+  L += ["## The paper's claims, checked", ""]
+  if "ar_uniform" in results and "grpo" in results:
+    d_any = 100 * (mean_of("ar_uniform", "anytime_score") - mean_of("grpo", "anytime_score"))
+    d_fin = 100 * (mean_of("ar_uniform", "final_accuracy") - mean_of("grpo", "final_accuracy"))
+    L.append(f"- Anytime score, AR-uniform minus GRPO: {d_any:+.1f} points (goal >= +5; the "
+             f"paper: +3.0 averaged over five benchmarks). "
+             f"{'Met.' if d_any >= 5 else 'Not met.'}")
+    L.append(f"- Final accuracy, AR-uniform minus GRPO: {d_fin:+.1f} points (goal: not lower by "
+             f"more than 1). {'Met.' if d_fin >= -1 else 'Not met.'}")
+    acc_ar = np.mean([x["accuracy"] for x in results["ar_uniform"].values()], 0)
+    acc_g = np.mean([x["accuracy"] for x in results["grpo"].values()], 0)
+    L.append(f"- AR-uniform above GRPO at {int((acc_ar > acc_g).sum())} of {len(acc_g)} "
+             f"budgets (the paper: at every budget).")
+  order = [("grpo", "grpo_linear", "dense reward"), ("grpo", "grpo_decouple", "decoupled summaries"),
+           ("grpo", "grpo_vr", "variance reduction"), ("grpo", "ar_base", "vr + decoupling")]
+  for a, b, what in order:
+    if a in results and b in results:
+      d = 100 * (mean_of(b, "anytime_score") - mean_of(a, "anytime_score"))
+      f = 100 * (mean_of(b, "final_accuracy") - mean_of(a, "final_accuracy"))
+      L.append(f"- {what} ({LABELS[b]} vs {LABELS[a]}): anytime {d:+.1f}, final {f:+.1f} points.")
+  if variance:
+    L += ["", "## Variance of the thinking advantage (Figure 3)", "",
+          f"One batch of {variance['n_prompts']} prompts x {variance['group_size']} thinkings "
+          f"from the warm start, {variance['n_summaries']} summaries per cut, budgets "
+          f"{variance['budgets']}, {variance['prior']} prior. Var(R_s - V_s) / Var(R_s):", "",
+          "| baseline | " + " | ".join(f"s={i + 1}" for i in range(len(variance["budgets"])))
+          + " |", "|---|" + "---|" * len(variance["budgets"])]
+    for mode, vals in variance["relative_variance"].items():
+      L.append(f"| {mode} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    for k, vals in variance["corr_with_R"].items():
+      L.append(f"| corr({k}, R) | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    b, v2 = variance["relative_variance"]["brpo"], variance["relative_variance"]["v2only"]
+    L += ["", f"BRPO below v2only at the last segment: {'yes' if b[-1] < v2[-1] else 'no'} "
+          f"({b[-1]:.3f} vs {v2[-1]:.3f}; the paper at 8000 tokens: about 0.34 vs 0.61 on AMC).",
+          "", f"![variance]({rel(os.path.join(out, 'variance.png'))})"]
+  if real and "skipped" not in real:
+    L += ["", "## Real data: SmolLM2-135M-Instruct on GSM8K", "",
+          f"`{real['config']}`, {len(real['steps'])} RL steps, wall time "
+          f"{real['wall_seconds'] / 60:.1f} minutes.", "",
+          "| step | " + " | ".join(k for k in real["steps"][0] if k.startswith("accuracy@"))
+          + " | thinking tokens | closed </think> | s/step |",
+          "|---|" + "---|" * (sum(k.startswith("accuracy@") for k in real["steps"][0]) + 3)]
+    for s in real["steps"]:
+      L.append(f"| {s['step']} | " + " | ".join(f"{v:.3f}" for k, v in s.items()
+                                                 if k.startswith("accuracy@"))
+               + f" | {s['thinking_len']:.0f} | {s['frac_think_end']:.2f} | "
+               f"{s['seconds/step']:.0f} |")
+    e = real["eval"]
+    L += ["", f"Evaluation ({e['n_questions']} questions): anytime score "
+          f"{e['anytime_score']:.3f}, final accuracy {e['final_accuracy']:.3f} at budgets "
+          f"{e['budgets']}."]
+  notes = os.path.join(os.path.dirname(args.report), "results_notes.md")
+  if os.path.exists(notes):
+    with open(notes) as f:
+      L += ["", f.read().strip()]
+  os.makedirs(os.path.dirname(args.report), exist_ok=True)
+  with open(args.report, "w") as f:
+    f.write("\n".join(L) + "\n")
+  return args.report
+
+
+def main(argv=None):
+  args = _args(argv)
+  os.chdir(ROOT)
+  os.makedirs(args.out, exist_ok=True)
+  if not args.report_only:
+    t = time.time()
+    results = run_ablation(args)
+    with open(os.path.join(args.out, "ablation.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    var = measure_variance(args)
+    with open(os.path.join(args.out, "variance.json"), "w") as f:
+      json.dump(var, f, indent=1)
+    if not args.skip_real:
+      real = real_data(args)
+      with open(os.path.join(args.out, "real_data.json"), "w") as f:
+        json.dump(real, f, indent=1)
+    with open(os.path.join(args.out, "meta.json"), "w") as f:
+      json.dump({"hardware": f"{platform.processor() or platform.machine()}, "
+                             f"{os.cpu_count()} CPU cores, no accelerator",
+                 "command": "python experiments/ablation.py " + " ".join(argv or sys.argv[1:]),
+                 "wall_seconds": time.time() - t, "seeds": args.seeds, "steps": args.steps},
+                f, indent=1)
+  print(write_report(args))
+
+
+if __name__ == "__main__":
+  main()
