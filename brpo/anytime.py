@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brpo import multihost
 from brpo import sampling
 from models import decoder as dec
 from models.config import ModelConfig
@@ -254,22 +255,35 @@ def anytime_rollout(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                     think_strategy=sampling.Temperature(1.0),
                     summary_strategy=sampling.Temperature(1.0),
                     prompt_length: int | None = None,
-                    timings: dict[str, float] | None = None) -> AnytimeRollout:
+                    timings: dict[str, float] | None = None, mesh=None) -> AnytimeRollout:
   """Samples G thinkings per prompt (up to b_m tokens) and A summaries at every distinct cut.
 
   The thinking is sampled once; its KV cache is then read in place by all m * A branches of its
   row. A budget whose cut equals an earlier budget's (the thinking ended before it) gets no
   branches of its own: `cuts.canonical` points to the budget whose summaries serve it.
   With `timings`, waits for each phase and records its seconds ("thinking", "summaries").
+
+  With a `mesh`, the R = N * G rows are split over its batch axes (multihost.row_sharding) and
+  every process pads only the rows it holds (the same `prompts` on every process); the
+  rollout's arrays are global arrays.
   """
   clock = time.perf_counter()
   g, a, s_len = spec.group_size, spec.n_summaries, spec.summary_len
   m = len(spec.budgets)
   rows = [list(p) for p in prompts for _ in range(g)]
   rng_think, rng_sum = jax.random.split(rng)
-  out, state = sampling.sample(
-      params, cfg, rows, spec.b_max, think_strategy, toks.thinking_stops, rng_think,
-      pad_id=toks.pad_id, prompt_length=prompt_length, write_last=True, return_state=True)
+  if mesh is None:
+    prompt, valid = sampling.pad_prompts(rows, toks.pad_id, prompt_length)
+  else:
+    # Every process must pad to the same length: it comes from all rows, not this one's share.
+    length = prompt_length or sampling.bucket_length(max(len(p) for p in rows))
+    where = multihost.row_sharding(mesh, len(rows), 2)
+    mine = sampling.pad_prompts(rows[multihost.process_rows(where, len(rows))], toks.pad_id,
+                                length)
+    prompt, valid = (multihost.put_rows(x, where, len(rows)) for x in mine)
+  out, state = sampling.sample_padded(
+      params, cfg, prompt, valid, spec.b_max, think_strategy, toks.thinking_stops, rng_think,
+      pad_id=toks.pad_id, write_last=True, return_state=True)
   if timings is not None:
     jax.block_until_ready(out.tokens)
     timings["thinking"] = time.perf_counter() - clock
@@ -297,7 +311,6 @@ def anytime_rollout(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   summary = jnp.take_along_axis(summary, canon, axis=1)
   summary_logp = jnp.take_along_axis(summary_logp, canon, axis=1)
   gen_len = jnp.take_along_axis(gen_len, cuts.canonical[:, :, None], axis=1)
-  prompt, valid = sampling.pad_prompts(rows, toks.pad_id, prompt_len)
   return AnytimeRollout(
       prompt=jnp.asarray(prompt), prompt_valid=jnp.asarray(valid), thinking=out.tokens,
       thinking_logp=out.logprobs, thinking_len=out.lengths, thinking_end=thinking_end,

@@ -1,8 +1,11 @@
 """Checkpoints of a run with orbax: the train state (params, optimizer, step, RNG) restored
 straight into its sharded layout, plus JSON metadata (config, data position).
 
-Orbax writes each step into a temporary folder and renames it when complete, so a run killed
-mid-save never leaves a checkpoint that a restart would pick up.
+Orbax writes each step into a temporary folder ("<step>.orbax-checkpoint-tmp") and renames it
+to "<step>" when complete (on object stores it marks completion with a commit file instead), so a
+run killed mid-save never leaves a checkpoint that a restart would pick up; the restart deletes
+the unfinished folder (`cleanup_tmp`). With several processes every one calls `save` and `restore`: each writes
+and reads the shards it holds, process 0 the metadata.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ import orbax.checkpoint as ocp
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` with items "state" and "meta"."""
 
-  def __init__(self, directory: str, keep: int = 3, save_every: int = 1):
+  def __init__(self, directory: str, keep: int = 3, save_every: int = 1,
+               cleanup_tmp: bool = False):
+    """`cleanup_tmp`: delete unfinished step folders left by a killed run (only the run that
+    writes this directory may: an evaluation beside it would delete a save in progress)."""
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
-                                           create=True, enable_async_checkpointing=False)
+                                           create=True, enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=cleanup_tmp)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
     self.save_every = save_every

@@ -13,8 +13,11 @@ from typing import Any
 from brpo import advantages as adv_lib
 from brpo import budgets as budgets_lib
 from brpo import loss as loss_lib
+from models import config as model_configs
+from models import tokenizer as tok_lib
 
 SUMMARY_ADVANTAGES = ("decoupled", "grpo")
+INITS = ("warmstart", "random", "checkpoint")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +32,22 @@ class ModelSpec:
   template: str = "plain"  # models.tokenizer.TEMPLATES
   max_prompt_len: int = 256
   long_prompts: str = "skip"  # "skip" (and count) or "error"
+
+  def __post_init__(self):
+    if self.init not in INITS:
+      raise ValueError(f"--init={self.init!r}: must be one of {', '.join(INITS)}")
+    # Caught here rather than at load time: a warm start would otherwise train first.
+    if self.init != "checkpoint" and self.model not in model_configs.CONFIGS:
+      raise ValueError(f"--model={self.model!r}: no such named config (known: "
+                       f"{', '.join(model_configs.CONFIGS)}); a checkpoint path needs "
+                       "--init=checkpoint")
+    if self.template not in tok_lib.TEMPLATES:
+      raise ValueError(f"--template={self.template!r}: must be one of "
+                       f"{', '.join(tok_lib.TEMPLATES)}")
+    if self.long_prompts not in ("skip", "error"):
+      raise ValueError(f"--long_prompts={self.long_prompts!r}: must be skip or error")
+    if self.max_prompt_len < 1:
+      raise ValueError(f"--max_prompt_len={self.max_prompt_len}: must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +119,28 @@ class RLConfig:
     if self.group_size == 1 and self.summary_advantage == "grpo":
       raise ValueError("--group_size=1 with --summary_advantage=grpo: the group baseline of one "
                        "summary is itself (advantage 0)")
-    self.budget_spec  # validates the support and the prior
+    # budgets_lib's messages say what is wrong; the flag that caused it is added here.
+    if self.budgets:
+      support_flag = f"--budgets={','.join(map(str, self.budgets))}"
+    else:
+      support_flag = f"--b_max={self.b_max} with --n_budgets={self.n_budgets}"
+    try:
+      support = self.support
+    except ValueError as e:
+      raise ValueError(f"{support_flag}: {e}") from None
+    try:
+      self.budget_spec
+    except ValueError as e:
+      prior_flag = (f"--prior_weights={','.join(map(str, self.prior_weights))}"
+                    if self.prior_weights else f"--prior={self.prior}")
+      raise ValueError(f"{prior_flag} for budgets {support}: {e}") from None
+
+  @property
+  def support(self) -> tuple[int, ...]:
+    """The budgets b_1 < ... < b_m (validated; the prior is not)."""
+    if self.budgets:
+      return budgets_lib.make_budgets(budgets=self.budgets).budgets
+    return budgets_lib.make_budgets(b_max=self.b_max, m=self.n_budgets).budgets
 
   @property
   def budget_spec(self) -> budgets_lib.BudgetSpec:
@@ -141,6 +181,15 @@ class EvalConfig:
   summary_len: int = 0  # 0: the training summary length
   periodic_size: int = 0  # questions for the evaluations during training (--eval_every); 0: all
 
+  def __post_init__(self):
+    # Checked now: these would otherwise fail only at the evaluation after the whole run.
+    for flag, value, low in (("eval_budgets", self.n_budgets, 1),
+                             ("eval_samples", self.samples, 1), ("eval_b_max", self.b_max, 0),
+                             ("eval_summary_len", self.summary_len, 0),
+                             ("eval_periodic_size", self.periodic_size, 0)):
+      if value < low:
+        raise ValueError(f"--{flag}={value}: must be >= {low}")
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -152,7 +201,7 @@ class RunConfig:
   keep_checkpoints: int = 3
   log_every: int = 1
   seed: int = 0
-  mesh: tuple[int, int, int] = (1, 1, -1)  # data, fsdp, tensor (-1: the rest)
+  mesh: tuple[int, int, int] = (1, -1, 1)  # data, fsdp, tensor (-1: the rest)
   warmstart_dir: str = "workdir/warmstart_tiny"
   warmstart_steps: int = 0  # 0: the warm start's default
   warmstart_seed: int = 0  # fixed apart from --seed, so runs of several seeds share one warm start
@@ -175,6 +224,34 @@ class ExperimentConfig:
   optim: OptimConfig = OptimConfig()
   eval: EvalConfig = EvalConfig()
   run: RunConfig = RunConfig()
+
+  def __post_init__(self):
+    if self.model.init != "checkpoint":
+      # A lower bound (unpadded prompt, no inserted text), known before any model is built: a
+      # warm start is not trained for a run that cannot fit. The runner checks the exact need.
+      self.check_context(model_configs.CONFIGS[self.model.model].max_seq_len,
+                         self.model.max_prompt_len, 0)
+
+  def check_context(self, max_seq_len: int, prompt_slots: int, n_inserted: int) -> None:
+    """Raises ValueError naming the flags when a prompt of `prompt_slots` (padded) positions, the
+    longest thinking and a summary after `n_inserted` inserted tokens pass `max_seq_len`."""
+    train = self.rl.support[-1] + self.rl.summary_len
+    evals = (self.eval.b_max or self.rl.support[-1]) + (self.eval.summary_len
+                                                        or self.rl.summary_len)
+    if self.eval.b_max and evals > train:
+      b_max, summary = self.eval.b_max, evals - self.eval.b_max
+      flag = f"--eval_b_max={b_max}"
+    else:
+      b_max, summary = self.rl.support[-1], train - self.rl.support[-1]
+      flag = (f"--budgets={','.join(map(str, self.rl.budgets))}" if self.rl.budgets
+              else f"--b_max={b_max}")
+    need = prompt_slots + b_max + n_inserted + summary
+    if need > max_seq_len:
+      raise ValueError(
+          f"{flag}: a prompt of up to {prompt_slots} positions (--max_prompt_len="
+          f"{self.model.max_prompt_len}), {b_max} thinking tokens and a summary of "
+          f"{n_inserted + summary} tokens need {need} positions, more than the model's "
+          f"max_seq_len={max_seq_len}; lower the budget or --max_prompt_len")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -13,6 +13,7 @@ import numpy as np
 import tqdm
 
 from brpo import anytime as at
+from brpo import multihost
 from brpo import rl as rl_lib
 from brpo import sampling
 from models.config import ModelConfig
@@ -31,12 +32,13 @@ def evaluate(params, cfg: ModelConfig, tokenizer: Tokenizer, toks: at.AnytimeTok
              budgets: Sequence[int], samples: int = 1, summary_len: int = 16,
              temperature: float = 0.6, top_p: float = 1.0, grader, rng,
              batch_prompts: int = 32, prompt_length: int | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, mesh=None) -> dict[str, Any]:
   """Accuracy against budget from one anytime rollout per (question, sample).
 
   Every thinking is sampled once up to max(budgets) and cut at every budget; one summary per
   distinct cut. Returns {"budgets", "accuracy", "anytime_score", "final_accuracy",
-  "mean_thinking_tokens", "n_questions", "samples"}.
+  "mean_thinking_tokens", "n_questions", "samples"}. With a `mesh`, rollouts are split over
+  its batch axes (and over processes: each grades its own rows, all get the result).
   """
   if not prompts:
     raise ValueError("evaluation needs at least one question")
@@ -55,12 +57,12 @@ def evaluate(params, cfg: ModelConfig, tokenizer: Tokenizer, toks: at.AnytimeTok
     idx += [idx[-1]] * (bp - keep)  # pad the last batch: same shapes, no recompilation
     ro = at.anytime_rollout(params, cfg, [prompts[k] for k in idx], spec, toks,
                             jax.random.fold_in(rng, i), think_strategy=strategy,
-                            summary_strategy=strategy, prompt_length=prompt_length)
+                            summary_strategy=strategy, prompt_length=prompt_length, mesh=mesh)
     rows = keep * samples
     refs = [references[k] for k in idx for _ in range(samples)]
     rewards = rl_lib.score_rollout(ro, tokenizer, toks, refs, grader)[:rows, :, 0]
     correct += rewards.sum(0)
-    think_tokens += float(np.asarray(ro.thinking_len)[:rows].sum())
+    think_tokens += float(multihost.fetch(ro.thinking_len)[:rows].sum())
     count += rows
   acc = correct / count
   return {"budgets": [int(b) for b in budgets], "accuracy": [float(a) for a in acc],

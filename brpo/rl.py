@@ -21,6 +21,7 @@ import optax
 from brpo import advantages as adv_lib
 from brpo import anytime as at
 from brpo import loss as loss_lib
+from brpo import multihost
 from brpo import packing
 from brpo import sampling
 from brpo.config import OptimConfig, RLConfig
@@ -66,6 +67,10 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int,
                      mesh=None, param_axes=None, with_ref: bool = False) -> TrainState:
   """A TrainState whose params (and the optimizer moments) are laid out on `mesh`."""
   if mesh is not None:
+    if jax.process_count() > 1:
+      # Every process holds the same values; a global layout is made from host copies (arrays
+      # committed to one device cannot be placed on other processes' devices).
+      params = jax.device_get(params)
     params = shd.shard_tree(params, param_axes, mesh)
     p_shard = jax.tree.map(lambda x: x.sharding, params)
     abstract = jax.eval_shape(optimizer.init, params)
@@ -74,7 +79,8 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int,
     opt_state = jax.jit(optimizer.init, out_shardings=o_shard)(params)
   else:
     opt_state = optimizer.init(params)
-  rep = (lambda x: jax.device_put(x, shd.replicated(mesh))) if mesh is not None else (lambda x: x)
+  rep = ((lambda x: jax.device_put(jax.device_get(x), shd.replicated(mesh))) if mesh is not None
+         else (lambda x: x))
   return TrainState(params=params, opt_state=opt_state, step=rep(jnp.int32(0)),
                     rng=rep(jax.random.PRNGKey(seed)),
                     ref_params=jax.tree.map(jnp.copy, params) if with_ref else None)
@@ -89,10 +95,13 @@ def rollout_texts(ro: at.AnytimeRollout, tokenizer: Tokenizer, toks: at.AnytimeT
 
   thinking_text is the thinking up to the cut plus any inserted text up to `</think>`;
   response is "\\n\\n**Final Answer**\\n" plus the generated summary (without eos).
+  Only the rows this process holds (multihost.local_rows; all of them with one process); r
+  counts from the first of them.
   """
-  h = jax.device_get({"think": ro.thinking, "end": ro.thinking_end, "len": ro.cuts.length,
-                      "canon": ro.cuts.canonical, "ended": ro.cuts.ended,
-                      "summ": ro.summary, "slen": ro.summary_len})
+  h = {k: multihost.local_rows(x) for k, x in (
+      ("think", ro.thinking), ("end", ro.thinking_end), ("len", ro.cuts.length),
+      ("canon", ro.cuts.canonical), ("ended", ro.cuts.ended), ("summ", ro.summary),
+      ("slen", ro.summary_len))}
   r_, m, a_, _ = h["summ"].shape
   marker = at.ANSWER_MARKER
   head_running = tokenizer.decode(toks.insert_running[:len(toks.insert_running)
@@ -118,17 +127,20 @@ def score_rollout(ro: at.AnytimeRollout, tokenizer: Tokenizer, toks: at.AnytimeT
                   references: Sequence[Any], grader) -> np.ndarray:
   """Summary rewards [R, m, A] in {0, 1} (SPEC §4); references: [R], one per row.
 
-  Each distinct cut is graded once; budgets that share a cut get its rewards.
+  Each distinct cut is graded once; budgets that share a cut get its rewards. Each process
+  grades the rows it holds, and every process gets all the rewards.
   """
   texts = rollout_texts(ro, tokenizer, toks)
+  refs = list(references)[multihost.local_slice(ro.summary_len)]
   scores = grader.score_batch([t[3] for t in texts], [t[4] for t in texts],
-                              [references[t[0]] for t in texts], [t[5] for t in texts])
-  r_, m, a_ = ro.summary_len.shape
-  rewards = np.zeros((r_, m, a_), np.float32)
+                              [refs[t[0]] for t in texts], [t[5] for t in texts])
+  canon = multihost.local_rows(ro.cuts.canonical)
+  r_, m = canon.shape
+  rewards = np.zeros((r_, m, ro.summary_len.shape[2]), np.float32)
   for (r, j, a, *_), s in zip(texts, scores):
     rewards[r, j, a] = s
-  canon = np.asarray(ro.cuts.canonical)
-  return np.take_along_axis(rewards, canon[:, :, None], axis=1)
+  rewards = np.take_along_axis(rewards, canon[:, :, None], axis=1)
+  return multihost.gather_rows(rewards, ro.summary_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +188,8 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, r
 
   The batch (rows [B, T]) is split into `rl.micro_batches` micro-batches whose gradients of the
   loss *sums* are accumulated and divided once by the total denominator, so accumulation is exact.
-  A non-finite loss or gradient leaves params and optimizer state untouched (metrics["finite"]=0).
+  A non-finite loss, gradient or new parameter leaves params and optimizer state untouched
+  (metrics["finite"]=0).
   """
   with_entropy = rl.entropy_coef > 0
 
@@ -214,9 +227,12 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, r
     denom = jnp.where(terms.loss_denom > 0, terms.loss_denom, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(grad_norm) & jnp.isfinite(terms.loss)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # New parameters are checked too: finite gradients can still overflow them.
+    finite = (jnp.isfinite(grad_norm) & jnp.isfinite(terms.loss)
+              & jax.tree.reduce(jnp.logical_and,
+                                jax.tree.map(lambda p: jnp.all(jnp.isfinite(p)), params)))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(params=keep(params, state.params),
                               opt_state=keep(opt_state, state.opt_state))
@@ -256,12 +272,12 @@ class RLContext:
 
 
 def _put_rows(x, mesh):
-  """Places a [R, ...] array with its rows split over (data, fsdp) when they divide evenly."""
+  """Places a [R, ...] array with its rows split over (data, fsdp) when they divide evenly.
+
+  `x` is numpy (the same on every process) or a global array."""
   if mesh is None:
     return x
-  s = shd.batch_sharding(mesh, x.ndim)
-  n = shd._mesh_size(mesh, s.spec[0]) if s.spec and s.spec[0] else 1
-  return jax.device_put(x, s if x.shape[0] % n == 0 else shd.replicated(mesh))
+  return jax.device_put(x, multihost.row_sharding(mesh, x.shape[0], x.ndim))
 
 
 def rl_step(state: TrainState, prompts: Sequence[Sequence[int]], references: Sequence[Any],
@@ -269,6 +285,8 @@ def rl_step(state: TrainState, prompts: Sequence[Sequence[int]], references: Seq
   """One RL step on N prompts: rollout, grading, advantages, packing, PPO updates.
 
   Returns the new state and a flat dict of metrics (see README "Output files").
+  With several processes, every one passes the same prompts and references; each samples and
+  grades the rows it holds (ctx.mesh), and all get the same advantages and metrics.
   """
   rl, spec = ctx.rl, ctx.spec
   n, g, m = len(prompts), rl.group_size, len(spec.budgets)
@@ -278,40 +296,41 @@ def rl_step(state: TrainState, prompts: Sequence[Sequence[int]], references: Seq
   t0 = time.perf_counter()
   ro = at.anytime_rollout(state.params, ctx.cfg, prompts, spec, ctx.toks, key_roll,
                           think_strategy=strategy, summary_strategy=strategy,
-                          prompt_length=ctx.prompt_length, timings=timings)
+                          prompt_length=ctx.prompt_length, timings=timings, mesh=ctx.mesh)
   t1 = time.perf_counter()
   refs = [ref for ref in references for _ in range(g)]
   rewards = score_rollout(ro, ctx.tokenizer, ctx.toks, refs, ctx.grader)  # [R, m, A]
   t2 = time.perf_counter()
-  canonical = np.asarray(ro.cuts.canonical)
+  canonical = multihost.fetch(ro.cuts.canonical)
   think_adv, summ_adv, summ_train = compute_advantages(
       rewards.reshape(n, g, m, -1), rl, canonical)
-  batch = packing.pack(ro, jnp.asarray(think_adv), jnp.asarray(summ_adv),
-                       summary_train=jnp.asarray(summ_train))
+  # Placed like the rollout's rows (every process holds the same advantages).
+  put = (lambda x: _put_rows(x, ctx.mesh)) if ctx.mesh is not None else jnp.asarray
+  batch = packing.pack(ro, put(think_adv), put(summ_adv), summary_train=put(summ_train))
   # Mini-batches of whole groups, in a fresh order each epoch.
   rows_per_mb = rl.mini_batch_prompts * g
   step_metrics: list[dict[str, Any]] = []
   for epoch in range(rl.ppo_epochs):
-    perm = np.asarray(jax.random.permutation(jax.random.fold_in(key_shuffle, epoch), n))
+    perm = multihost.fetch(jax.random.permutation(jax.random.fold_in(key_shuffle, epoch), n))
     order = (perm[:, None] * g + np.arange(g)[None]).reshape(-1)
     for start in range(0, n * g, rows_per_mb):
       idx = order[start:start + rows_per_mb]
       mb = jax.tree.map(lambda x: _put_rows(x[idx], ctx.mesh), batch)
       state, met = ctx.train_step(state, mb)
       step_metrics.append(met)
-  step_metrics = jax.device_get(step_metrics)
+  step_metrics = multihost.fetch(step_metrics)
   t3 = time.perf_counter()
   state = state.replace(step=state.step + 1, rng=rng)
   return state, _metrics(ro, rewards, think_adv, step_metrics, rl, timings,
                          dict(rollout=t1 - t0, grading=t2 - t1, update=t3 - t2),
-                         ctx.lr_fn(int(jax.device_get(state.step)) - 1))
+                         ctx.lr_fn(int(multihost.fetch(state.step)) - 1))
 
 
 def _metrics(ro, rewards, think_adv, step_metrics, rl: RLConfig, timings, phases, lr):
   """Flat dict of floats for metrics.jsonl."""
   spec = rl.budget_spec
-  h = jax.device_get({"tl": ro.thinking_len, "end": ro.thinking_end, "sl": ro.summary_len,
-                      "canon": ro.cuts.canonical})
+  h = multihost.fetch({"tl": ro.thinking_len, "end": ro.thinking_end, "sl": ro.summary_len,
+                       "canon": ro.cuts.canonical})
   out: dict[str, float] = {}
   acc = rewards.mean(axis=(0, 2))  # [m]
   for j, b in enumerate(spec.budgets):

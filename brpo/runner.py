@@ -7,6 +7,7 @@ eval.json and accuracy.png (evaluation), config.json.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from brpo import evaluation
 from brpo import rl as rl_lib
 from brpo import sampling
 from brpo.checkpointing import Checkpointer
-from brpo.config import ExperimentConfig
+from brpo.config import ExperimentConfig, OptimConfig, RLConfig
 from models import decoder as dec
 from models import sharding as shd
 from models import tokenizer as tok_lib
@@ -38,15 +39,24 @@ log = logging.getLogger("brpo")
 
 
 def maybe_initialize_distributed(mode: str) -> None:
-  """jax.distributed.initialize for multi-host runs ("on"; "auto" does it on TPU pods and when
-  a coordinator address is in the environment)."""
-  if mode == "off":
+  """jax.distributed.initialize for multi-process runs ("on"; "auto" does it on TPU pods and when
+  a coordinator address is in the environment).
+
+  Where JAX detects the cluster (TPU pods, SLURM, Open MPI, Kubernetes) it finds the process
+  count and index itself; elsewhere (several processes on one machine, hand-started hosts) set
+  JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID in each process.
+  """
+  if mode == "off" or jax.distributed.is_initialized():
     return
   env = os.environ
   auto = any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")) or (
       "TPU_WORKER_HOSTNAMES" in env and "," in env.get("TPU_WORKER_HOSTNAMES", ""))
   if mode == "on" or auto:
-    jax.distributed.initialize()
+    kwargs = {name: int(env[var]) for name, var in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                   ("process_id", "JAX_PROCESS_ID")) if var in env}
+    jax.distributed.initialize(**kwargs)
+    log.info("process %d of %d; %d local devices of %d", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] = ()):
@@ -63,6 +73,12 @@ def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] =
     ws = warmstart.WarmStartConfig(model=spec.model, task=task, seed=ec.run.warmstart_seed)
     if ec.run.warmstart_steps:
       ws = ws.__class__(**{**ws.__dict__, "steps": ec.run.warmstart_steps})
+    if jax.process_count() > 1 and not os.path.isfile(
+        os.path.join(ec.run.warmstart_dir, warmstart.SETTINGS_FILE)):
+      # Several processes would all train it and write one directory at once.
+      raise ValueError(f"--warmstart_dir={ec.run.warmstart_dir}: no warm start there; with "
+                       "several processes, make it first with one process (the same flags "
+                       "and --steps=0)")
     cfg, params, tokenizer = warmstart.warm_start(ec.run.warmstart_dir, ws,
                                                   progress=ec.run.progress,
                                                   eval_examples=eval_examples)
@@ -118,27 +134,44 @@ def encode_prompts(examples: Sequence[data_lib.Example], tokenizer, template: st
 
 
 class MetricsWriter:
-  """metrics.jsonl (one JSON object per step) and a TensorBoard writer; process 0 only."""
+  """metrics.jsonl (one JSON object per step) and a TensorBoard writer; process 0 only.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  `resume_step`: the step of the checkpoint a resumed run restored. TensorBoard then drops the
+  earlier files' events from that step on (they will be redone); call `truncate_after` for the
+  JSONL file.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
     if enabled:
       from tensorboardX import SummaryWriter
 
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"),
+                              purge_step=None if resume_step is None else resume_step + 1)
 
-  def truncate_after(self, step: int) -> None:
-    """On resume: drop lines of steps after the restored checkpoint (they will be redone)."""
+  def truncate_after(self, step: int) -> list[dict[str, Any]]:
+    """On resume: drops the lines of steps after the restored checkpoint (they will be redone)
+    and a last line cut short by a kill. Returns the records kept."""
     if not self.enabled or not os.path.exists(self.path):
-      return
+      return []
+    kept = []
     with open(self.path) as f:
-      lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          # Only the last line can be cut short (each line is one write); the lines before it
+          # are whole. Anything after a bad line belongs to steps that will be redone.
+          break
+        if record["step"] <= step:
+          kept.append(record)
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
-      f.writelines(lines)
+      f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
     os.replace(tmp, self.path)
+    return kept
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
@@ -171,16 +204,24 @@ class Run:
     run = ec.run
     self.is_main = jax.process_index() == 0
     os.makedirs(run.workdir, exist_ok=True)
-    self.mesh = shd.make_mesh(run.mesh)
+    try:
+      self.mesh = shd.make_mesh(run.mesh)
+    except ValueError as e:
+      raise ValueError(f"--mesh={','.join(map(str, run.mesh))}: {e}") from None
     eval_examples = data_lib.load_dataset(ec.data.eval)
     if ec.data.eval_size:
       eval_examples = eval_examples[:ec.data.eval_size]
     self.cfg, params, self.tokenizer = load_model(ec, eval_examples)
     self.params = params
     self.toks = at.AnytimeTokens.from_tokenizer(self.tokenizer)
+    ec.check_context(self.cfg.max_seq_len, sampling.bucket_length(ec.model.max_prompt_len),
+                     max(len(self.toks.insert_running), len(self.toks.insert_ended)))
     ev = encode_prompts(eval_examples, self.tokenizer, ec.model.template,
                         ec.model.max_prompt_len, ec.model.long_prompts, f"--eval_data={ec.data.eval}")
     self.eval_prompts, self.eval_refs, self.eval_skipped = ev
+    if self.eval_skipped:
+      log.warning("--eval_data=%s: %d questions longer than --max_prompt_len=%d skipped",
+                  ec.data.eval, self.eval_skipped, ec.model.max_prompt_len)
     self.eval_examples = eval_examples
     from brpo.rewards import Grader
 
@@ -199,7 +240,8 @@ class Run:
         top_p=ec.eval.top_p, grader=self.grader,
         rng=jax.random.fold_in(jax.random.PRNGKey(ec.run.seed + 1), step or 0),
         batch_prompts=min(64, max(8, ec.rl.prompts_per_batch)),
-        prompt_length=_prompt_length(self.eval_prompts), progress=ec.run.progress)
+        prompt_length=_prompt_length(self.eval_prompts),
+        progress=ec.run.progress and self.is_main, mesh=self.mesh)
     result["step"] = step
     result["eval_data"] = ec.data.eval
     return result
@@ -211,9 +253,11 @@ class Run:
 def train(ec: ExperimentConfig) -> dict[str, Any]:
   """The RL loop; resumes from the latest checkpoint in the workdir. Returns the final eval."""
   run, rl = ec.run, ec.rl
+  # Both before the model is loaded (or a warm start trained): these fail in seconds.
+  check_workdir(ec)
+  train_examples = data_lib.load_dataset(ec.data.train)
   r = Run(ec)
   cfg, mesh = r.cfg, r.mesh
-  train_examples = data_lib.load_dataset(ec.data.train)
   train_examples, dropped = data_lib.dedup_train_eval(train_examples, r.eval_examples)
   prompts, refs, skipped = encode_prompts(
       train_examples, r.tokenizer, ec.model.template, ec.model.max_prompt_len,
@@ -226,20 +270,24 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
   n_ins = max(len(r.toks.insert_running), len(r.toks.insert_ended))
   response_len = spec.b_max + len(spec.budgets) * rl.n_summaries * (n_ins + rl.summary_len)
   updates_per_step = rl.ppo_epochs * (rl.prompts_per_batch // rl.mini_batch_prompts)
-  optimizer = rl_lib.make_optimizer(ec.optim, run.steps * updates_per_step)
+  optimizer, train_step = _train_fns(cfg, ec.optim, rl, run.steps * updates_per_step,
+                                     response_len)
   state = rl_lib.init_train_state(r.params, optimizer, run.seed, mesh, dec.param_axes(cfg),
                                   with_ref=rl.kl_coef > 0)
   del r.params
   # The state keeps its layout (jit follows the committed shardings of its inputs; rows of a
   # mini-batch are split over (data, fsdp) by rl._put_rows).
-  train_step = rl_lib.make_train_step(cfg, optimizer, rl, response_len)
   lr_fn = rl_lib.lr_schedule(ec.optim, run.steps * updates_per_step)
   ctx = rl_lib.RLContext(cfg=cfg, tokenizer=r.tokenizer, toks=r.toks, rl=rl, grader=r.grader,
                          train_step=train_step, lr_fn=lambda s: lr_fn(s * updates_per_step),
                          mesh=mesh, prompt_length=prompt_length)
   data = data_lib.DataIterator(list(range(len(prompts))), rl.prompts_per_batch, run.seed)
-  ckpt = Checkpointer(os.path.join(run.workdir, "checkpoints"), keep=run.keep_checkpoints)
-  writer = MetricsWriter(run.workdir, enabled=r.is_main)
+  # Resuming: the state, the data position and the step come from the latest complete
+  # checkpoint (orbax renames a step's folder into place only once it is whole); every other
+  # input of a step is a function of these and the config, so the run continues as if never
+  # stopped. The metrics of later steps, written before a kill, are dropped and redone.
+  ckpt = Checkpointer(os.path.join(run.workdir, "checkpoints"), keep=run.keep_checkpoints,
+                      cleanup_tmp=True)
   signature = ec.training_signature()
   start = 0
   if ckpt.latest_step() is not None:
@@ -251,14 +299,15 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
     state, meta = ckpt.restore(state)
     data.restore(meta["data"])
     start = int(meta["step"])
-    writer.truncate_after(start)
     log.info("resumed from %s at step %d", ckpt.directory, start)
+  writer = MetricsWriter(run.workdir, enabled=r.is_main, resume_step=start if start else None)
+  history = [h for h in writer.truncate_after(start) if "loss" in h] if start else []
   if r.is_main:
     with open(os.path.join(run.workdir, "config.json"), "w") as f:
       f.write(ec.to_json())
   bad_streak = 0
-  history: list[dict[str, Any]] = []
-  t_start = time.time()
+  # wall_s counts on from the restored step's value, so that it stays a run's total time.
+  t_start = time.time() - (history[-1]["wall_s"] if history else 0.0)
   bar = tqdm.tqdm(range(start, run.steps), initial=start, total=run.steps, desc="rl",
                   disable=not (run.progress and r.is_main))
   try:
@@ -271,27 +320,32 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
       history.append({"step": step + 1, **metrics})
       bar.set_postfix(anytime=f"{metrics['anytime_score']:.3f}",
                       reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
-      if metrics["bad_updates"] == updates_per_step:
+      if metrics["bad_updates"]:
+        # A skipped update kept the parameters; a step with one is never checkpointed, so the
+        # last checkpoint stays the one before the streak.
         bad_streak += 1
-        log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)",
-                    step + 1, bad_streak)
+        log.warning("step %d: non-finite loss or gradients, %d of %d updates skipped (%d bad "
+                    "steps in a row)", step + 1, metrics["bad_updates"], updates_per_step,
+                    bad_streak)
         if bad_streak >= run.max_bad_steps:
           raise FloatingPointError(
-              f"{bad_streak} consecutive steps with non-finite loss or gradients (step "
-              f"{step + 1}); stopping. The last checkpoint in {ckpt.directory} is intact "
-              f"(step {ckpt.latest_step()}); lower --lr or raise --max_bad_steps")
+              f"{bad_streak} consecutive steps with non-finite loss or gradients (steps "
+              f"{step + 2 - bad_streak}-{step + 1}); stopping. The last checkpoint in "
+              f"{ckpt.directory} is intact (step {ckpt.latest_step()}); lower --lr or raise "
+              "--max_bad_steps")
         continue
       bad_streak = 0
       done = step + 1
-      if run.checkpoint_every and (done % run.checkpoint_every == 0 or done == run.steps):
-        ckpt.save(done, state, {"step": done, "data": data.state(), "signature": signature,
-                                "config": ec.to_dict()})
+      # Evaluate before saving: a run killed in between redoes the step and its evaluation.
       if run.eval_every and done % run.eval_every == 0 and done != run.steps:
         res = r.evaluate(state.params, done, ec.eval.periodic_size)
         if r.is_main:
           evaluation.write_eval(res, run.workdir, f"eval_step{done}")
           writer.write(done, {"eval/anytime_score": res["anytime_score"],
                               "eval/final_accuracy": res["final_accuracy"]})
+      if run.checkpoint_every and (done % run.checkpoint_every == 0 or done == run.steps):
+        ckpt.save(done, state, {"step": done, "data": data.state(), "signature": signature,
+                                "config": ec.to_dict()})
     result = r.evaluate(state.params, run.steps)
     if r.is_main:
       evaluation.write_eval(result, run.workdir)
@@ -303,6 +357,15 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
     writer.close()
     ckpt.close()
     r.close()
+
+
+@functools.lru_cache(maxsize=8)
+def _train_fns(cfg: ModelConfig, optim: OptimConfig, rl: RLConfig, total_updates: int,
+               response_len: int):
+  """(optimizer, jitted train step) of a configuration, built once per process: later runs in
+  the same process (an ablation, a test, a resumed run in a notebook) reuse its compilation."""
+  optimizer = rl_lib.make_optimizer(optim, total_updates)
+  return optimizer, rl_lib.make_train_step(cfg, optimizer, rl, response_len)
 
 
 def evaluate_only(ec: ExperimentConfig) -> dict[str, Any]:
@@ -343,6 +406,27 @@ def config_from_dict(d: dict[str, Any]) -> ExperimentConfig:
   return c.ExperimentConfig(model=conv(c.ModelSpec, d["model"]), data=conv(c.DataConfig, d["data"]),
                             rl=conv(c.RLConfig, d["rl"]), optim=conv(c.OptimConfig, d["optim"]),
                             eval=conv(c.EvalConfig, d["eval"]), run=conv(c.RunConfig, d["run"]))
+
+
+def check_workdir(ec: ExperimentConfig) -> None:
+  """Raises ValueError when the workdir holds a checkpoint of a different training config.
+
+  Only reads: the checkpoint and every other file of the workdir stay as they are.
+  """
+  directory = os.path.join(ec.run.workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return
+  ckpt = Checkpointer(directory)
+  try:
+    if ckpt.latest_step() is None:
+      return
+    saved = ckpt.restore_meta().get("signature") or {}
+  finally:
+    ckpt.close()
+  now = ec.training_signature()
+  if saved != now:
+    raise ValueError(f"{ec.run.workdir}: holds a checkpoint of a different config "
+                     f"({_signature_diff(saved, now)}); use another --workdir or the same flags")
 
 
 def _signature_diff(saved: dict[str, Any], now: dict[str, Any]) -> str:

@@ -264,9 +264,18 @@ def sample(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_t
   Returns:
     SampleOutput with tokens/logprobs [B, N], lengths/stop_reason [B] (and the state).
   """
+  tokens, valid = pad_prompts(prompts, pad_id, prompt_length, bucket)
+  return sample_padded(params, cfg, tokens, valid, max_new_tokens, strategy, stop_sequences, rng,
+                       pad_id=pad_id, write_last=write_last, return_state=return_state)
+
+
+def sample_padded(params, cfg: ModelConfig, tokens, valid, max_new_tokens: int,
+                  strategy=Greedy(), stop_sequences: Sequence[Sequence[int]] = (), rng=None, *,
+                  pad_id: int = 0, write_last: bool = False, return_state: bool = False):
+  """`sample` from left-padded prompts: tokens, valid [B, P] (numpy, or global arrays whose rows
+  are split over processes: the outputs then keep the rows where they are)."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-  tokens, valid = pad_prompts(prompts, pad_id, prompt_length, bucket)
   if tokens.shape[1] + max_new_tokens > cfg.max_seq_len:
     raise ValueError(f"prompt ({tokens.shape[1]} padded) + {max_new_tokens} new tokens exceeds "
                      f"the model's max_seq_len={cfg.max_seq_len}")

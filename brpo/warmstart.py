@@ -393,7 +393,11 @@ def load(directory: str) -> tuple[ModelConfig, Params, tok_lib.SentencePieceToke
     doc = json.load(f)
   cfg = ModelConfig(**doc["model_config"])
   tokenizer = tok_lib.SentencePieceTokenizer(os.path.join(directory, doc["tokenizer"]))
-  abstract = jax.eval_shape(lambda: dec.init_params(cfg, jax.random.PRNGKey(0)))
+  # Onto this process's first device: with several processes the saved layout (process 0's
+  # device) is not one that every process can address.
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=here),
+                          jax.eval_shape(lambda: dec.init_params(cfg, jax.random.PRNGKey(0))))
   ckptr = ocp.StandardCheckpointer()
   params = ckptr.restore(os.path.join(directory, PARAMS_DIR), abstract)
   ckptr.close()

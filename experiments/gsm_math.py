@@ -9,7 +9,9 @@ library never reads flags. Every flag can be overridden after the flagfile.
 from __future__ import annotations
 
 import os
+import re
 import sys
+from typing import Iterator, NoReturn, Sequence
 
 # Runnable as a script from anywhere: the repository root on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -167,21 +169,97 @@ def config_from_flags(f=FLAGS) -> C.ExperimentConfig:
                       distributed=f.distributed, progress=f.progress))
 
 
+def _expand_flagfiles(args: Sequence[tuple[str, str]],
+                      depth: int = 0) -> Iterator[tuple[str, str]]:
+  """(argument, where it came from) pairs -> the same with every --flagfile replaced by its
+  lines, each with "path:line" as its origin (as absl reads them: blank and # lines skipped)."""
+  for arg, where in args:
+    if arg.startswith(("--flagfile=", "-flagfile=")) and depth < 16:
+      path = arg.split("=", 1)[1]
+      try:
+        with open(path) as f:
+          lines = f.read().splitlines()
+      except OSError:
+        yield arg, where
+        continue
+      yield arg, where
+      yield from _expand_flagfiles(
+          [(line.strip(), f"{path}:{n}") for n, line in enumerate(lines, start=1)
+           if line.strip() and not line.strip().startswith(("#", "//"))], depth + 1)
+    else:
+      yield arg, where
+
+
+def _origin(argv: Sequence[str], arg: str) -> str:
+  """Where `arg` was first given: "path:line: " inside a flagfile, "" on the command line."""
+  want = arg.lstrip("-")
+  for given, where in _expand_flagfiles([(a, "") for a in argv[1:]]):
+    if given.lstrip("-") == want:
+      return f"{where}: " if where else ""
+  return ""
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """FLAGS(argv), with absl's two-line messages turned into one ValueError line that names the
+  flag and, for a flag set in a flagfile, the file and line. Returns the non-flag arguments."""
+  try:
+    return FLAGS(list(argv))
+  except flags.UnrecognizedFlagError as e:
+    hint = "--helpfull lists the flags"
+    if "Did you mean:" in str(e):
+      names = str(e).split("Did you mean:", 1)[1].strip(" ?").split(",")
+      hint = "did you mean " + ", ".join(f"--{n.strip()}" for n in names) + "?"
+    raise ValueError(f"{_origin(argv, e.flagvalue or e.flagname)}unknown flag --{e.flagname} "
+                     f"({hint})") from None
+  except flags.CantOpenFlagFileError as e:
+    # absl: "ERROR:: Unable to open flagfile: [Errno 2] No such file or directory: 'x.flags'".
+    m = re.search(r"\[Errno \d+\] ([^:]+): '(.*)'", str(e))
+    if not m:
+      raise ValueError(f"--flagfile: {' '.join(str(e).split())}") from None
+    reason, path = m.groups()
+    hint = ""
+    if not os.path.isabs(path):
+      hint = (f" (relative to the current directory {os.getcwd()}; run from the repository "
+              "root)")
+    raise ValueError(f"{_origin(argv, '--flagfile=' + path)}--flagfile={path}: "
+                     f"{reason.lower()}{hint}") from None
+  except flags.IllegalFlagValueError as e:
+    # absl: "flag --steps=abc: invalid literal for int() ..."
+    m = re.match(r"flag (--\S+?=[^:]*):", str(e))
+    where = _origin(argv, m.group(1)) if m else ""
+    raise ValueError(where + " ".join(str(e).split())) from None
+  except flags.Error as e:
+    raise ValueError(" ".join(str(e).split())) from None
+
+
 def config_from_args(args: list[str]) -> C.ExperimentConfig:
   """Flags (e.g. ["--flagfile=experiments/configs/grpo.flags", "--steps=2"]) -> config, from the
-  defaults (earlier parses are forgotten). For scripts and tests that build several runs."""
+  defaults (earlier parses are forgotten). For scripts and tests that build several runs.
+  Raises ValueError (one line naming the flag, and the flagfile line where it is set)."""
   FLAGS.unparse_flags()
-  FLAGS(["gsm_math.py", *args])
+  parse_flags(["gsm_math.py", *args])
   return config_from_flags()
+
+
+def _fail(message: str) -> NoReturn:
+  # One line on stderr, the last one, whatever the message held.
+  sys.exit(f"gsm_math.py: error: {' '.join(message.split())}")
+
+
+def _flags_parser(argv: list[str]) -> list[str]:
+  try:
+    return parse_flags(argv)
+  except ValueError as e:
+    _fail(str(e))
 
 
 def main(argv):
   if len(argv) > 1:
-    sys.exit(f"gsm_math.py: error: unexpected arguments {argv[1:]} (flags start with --)")
+    _fail(f"unexpected arguments {argv[1:]} (flags start with --)")
   try:
     ec = config_from_flags()
   except ValueError as e:
-    sys.exit(f"gsm_math.py: error: {e}")
+    _fail(str(e))
   from brpo import runner
 
   try:
@@ -189,8 +267,8 @@ def main(argv):
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     if os.environ.get("BRPO_DEBUG"):
       raise
-    sys.exit(f"gsm_math.py: error: {e} (BRPO_DEBUG=1 shows the traceback)")
+    _fail(f"{e} (BRPO_DEBUG=1 shows the traceback)")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_flags_parser)

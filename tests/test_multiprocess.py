@@ -1,0 +1,32 @@
+"""Multi-process training: two processes of 4 CPU devices each (jax.distributed, gloo
+collectives) run the same 3 tiny steps on one (1, 4, 2) mesh of 8 devices as one process of 8
+devices, and must end with the same metrics, evaluation and parameters.
+
+Each process samples, grades and packs only the rows its devices hold (brpo/multihost.py), and
+both write one checkpoint directory. This is the layout of a TPU pod slice or several GPU hosts.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import run_helpers as rh
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path, tiny_warmstart_dir, uninterrupted):
+  workdir = str(tmp_path / "two_processes")
+  port = free_port()
+  procs = [rh.start(workdir, tiny_warmstart_dir, "--distributed=on", devices=4,
+                    env={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                         "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
+           for i in range(2)]
+  errs = [rh.finish(p) for p in procs]
+  assert "process 0 of 2; 4 local devices of 8" in errs[0]
+  assert "process 1 of 2; 4 local devices of 8" in errs[1]
+  rh.assert_same_run(uninterrupted, workdir)
