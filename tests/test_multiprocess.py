@@ -1,6 +1,7 @@
 """Multi-process training: two processes of 4 CPU devices each (jax.distributed, gloo
 collectives) run the same 3 tiny steps on one (1, 4, 2) mesh of 8 devices as one process of 8
-devices, and must end with the same metrics, evaluation and parameters.
+devices, and must end with the same rollouts, rewards and evaluation, and the same losses and
+parameters up to float rounding.
 
 Each process samples, grades and packs only the rows its devices hold (brpo/multihost.py), and
 both write one checkpoint directory. This is the layout of a TPU pod slice or several GPU hosts.
@@ -29,4 +30,6 @@ def test_two_processes_equal_one(tmp_path, tiny_warmstart_dir, uninterrupted):
   errs = [rh.finish(p) for p in procs]
   assert "process 0 of 2; 4 local devices of 8" in errs[0]
   assert "process 1 of 2; 4 local devices of 8" in errs[1]
-  rh.assert_same_run(uninterrupted, workdir)
+  # Every sampled token, reward and accuracy is identical; losses, gradient norms and parameters
+  # differ by rounding only (gloo's cross-process all-reduce sums in another order: ~1e-6).
+  rh.assert_same_run(uninterrupted, workdir, rtol=1e-4)
