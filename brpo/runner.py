@@ -372,7 +372,7 @@ def evaluate_only(ec: ExperimentConfig) -> dict[str, Any]:
   """--mode=eval: the latest checkpoint of the workdir if any, else the initial model."""
   r = Run(ec)
   try:
-    params = r.params
+    params, step = r.params, None
     ckdir = os.path.join(ec.run.workdir, "checkpoints")
     if os.path.isdir(ckdir):
       ckpt = Checkpointer(ckdir)
@@ -385,10 +385,10 @@ def evaluate_only(ec: ExperimentConfig) -> dict[str, Any]:
                                            dec.param_axes(r.cfg),
                                            with_ref=saved.rl.kl_coef > 0)
         state, _ = ckpt.restore(template)
-        params = state.params
-        log.info("evaluating checkpoint step %d of %s", ckpt.latest_step(), ckdir)
+        params, step = state.params, ckpt.latest_step()
+        log.info("evaluating checkpoint step %d of %s", step, ckdir)
       ckpt.close()
-    result = r.evaluate(params, None)
+    result = r.evaluate(params, step)  # result["step"]: None for the initial model
     evaluation.write_eval(result, ec.run.workdir)
     evaluation.plot_accuracy({os.path.basename(ec.run.workdir.rstrip("/")): result},
                              os.path.join(ec.run.workdir, "accuracy.png"))
@@ -457,5 +457,10 @@ def run_table(history: list[dict[str, Any]], result: dict[str, Any], seconds: fl
 
 def main(ec: ExperimentConfig) -> dict[str, Any]:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+  # Our progress at INFO; the libraries' INFO chatter (orbax's per-save lines, JAX's backend
+  # probing) only from WARNING up.
+  logging.getLogger("brpo").setLevel(logging.INFO)
+  for name in ("absl", "jax", "orbax"):
+    logging.getLogger(name).setLevel(logging.WARNING)
   maybe_initialize_distributed(ec.run.distributed)
   return train(ec) if ec.run.mode == "train" else evaluate_only(ec)
