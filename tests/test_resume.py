@@ -15,18 +15,34 @@ import shutil
 import signal
 import time
 
+import pytest
+
 import run_helpers as rh
 from run_helpers import assert_same_run, checkpoint_steps, finish, start
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_warmstart_dir,
+def _saving(workdir) -> bool:
+  return bool(glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*")))
+
+
+# When to kill: as soon as checkpoint 1 is complete (the run is then in step 2's rollout), or,
+# after that, as soon as checkpoint 2's unfinished folder appears (mid-save; should the poll miss
+# the save's short window, once checkpoint 2 is complete instead).
+KILL_POINTS = {
+    "rollout": lambda w: bool(checkpoint_steps(w)),
+    "save": lambda w: bool(checkpoint_steps(w)) and (_saving(w) or len(checkpoint_steps(w)) >= 2),
+}
+
+
+@pytest.mark.parametrize("when", sorted(KILL_POINTS))
+def test_killed_run_resumes_to_the_uninterrupted_result(when, tmp_path, tiny_warmstart_dir,
                                                         uninterrupted):
   workdir = tmp_path / "killed"
   proc = start(workdir, tiny_warmstart_dir)
-  # SIGKILL as soon as the first checkpoint is complete: no handler runs, nothing is flushed.
+  # SIGKILL: no handler runs, nothing is flushed.
   deadline = time.time() + 600
-  while not checkpoint_steps(workdir) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
+  while not KILL_POINTS[when](workdir) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.005)
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
   assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
@@ -34,6 +50,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_warmstart
   assert killed_at and killed_at[-1] < 3, killed_at
   err = finish(start(workdir, tiny_warmstart_dir))
   assert f"resumed from {workdir / 'checkpoints'} at step {killed_at[-1]}" in err
+  assert not _saving(workdir)
+  assert_same_run(uninterrupted, workdir)
+
+
+def test_same_flags_and_seed_give_identical_metrics(tmp_path, tiny_warmstart_dir,
+                                                     uninterrupted):
+  workdir = tmp_path / "again"
+  finish(start(workdir, tiny_warmstart_dir))
   assert_same_run(uninterrupted, workdir)
 
 

@@ -1,0 +1,68 @@
+"""One-step end-to-end runs of every tiny flagfile (experiments/configs/), in process, with the
+shared 20-step warm start and tiny sizes: config parsed, rollout, grading, update, checkpoint,
+metrics, evaluation and plot written. Then --mode=eval on a finished workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from brpo import runner
+from conftest import ROOT, WARMSTART_STEPS
+from experiments import gsm_math
+
+TINY_RUNS = ("tiny_cpu", "grpo", "grpo_linear", "grpo_decouple", "grpo_vr", "ar_base",
+             "ar_linear", "ar_uniform")
+# What each flagfile must set (SPEC §8): (budgets, prior, A, thinking baseline, summary adv.).
+EXPECTED = {
+    "tiny_cpu": (4, "uniform", 4, "brpo", "decoupled"),
+    "grpo": (1, "base", 1, "v2only", "grpo"),
+    "grpo_linear": (4, "linear", 1, "v2only", "grpo"),
+    "grpo_decouple": (4, "base", 4, "v2only", "decoupled"),
+    "grpo_vr": (4, "base", 1, "brpo", "grpo"),
+    "ar_base": (4, "base", 4, "brpo", "decoupled"),
+    "ar_linear": (4, "linear", 4, "brpo", "decoupled"),
+    "ar_uniform": (4, "uniform", 4, "brpo", "decoupled"),
+}
+
+
+def small(name: str, workdir, warmstart_dir, *extra: str) -> list[str]:
+  return [f"--flagfile={ROOT}/experiments/configs/{name}.flags", f"--workdir={workdir}",
+          f"--warmstart_dir={warmstart_dir}", f"--warmstart_steps={WARMSTART_STEPS}",
+          "--steps=1", "--prompts_per_batch=2", "--mini_batch_prompts=2", "--group_size=2",
+          "--b_max=24", "--eval_size=4", "--eval_budgets=2", "--checkpoint_every=1",
+          "--progress=false", *extra]
+
+
+@pytest.mark.parametrize("name", TINY_RUNS)
+def test_tiny_flagfile_runs_end_to_end(name, tmp_path, tiny_warmstart_dir):
+  ec = gsm_math.config_from_args(small(name, tmp_path, tiny_warmstart_dir))
+  n_budgets, prior, a, baseline, summary_adv = EXPECTED[name]
+  assert (len(ec.rl.budget_spec.budgets), ec.rl.prior, ec.rl.n_summaries,
+          ec.rl.thinking_baseline, ec.rl.summary_advantage) == EXPECTED[name]
+  result = runner.main(ec)
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == [1]
+  for b in ec.rl.budget_spec.budgets:
+    assert 0.0 <= records[0][f"accuracy@{b}"] <= 1.0
+  assert records[0]["generated_tokens"] > 0 and records[0]["bad_updates"] == 0
+  with open(tmp_path / "eval.json") as f:
+    saved = json.load(f)
+  assert saved["budgets"] == result["budgets"] == [12, 24]
+  assert saved["n_questions"] == 4
+  assert os.path.getsize(tmp_path / "accuracy.png") > 1000
+  assert os.path.isdir(tmp_path / "checkpoints" / "1")
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["rl"]["prior"] == prior
+
+
+def test_eval_mode_reads_the_checkpoint(tmp_path, tiny_warmstart_dir):
+  runner.main(gsm_math.config_from_args(small("ar_uniform", tmp_path, tiny_warmstart_dir)))
+  os.remove(tmp_path / "eval.json")
+  result = runner.main(gsm_math.config_from_args(
+      small("ar_uniform", tmp_path, tiny_warmstart_dir, "--mode=eval")))
+  assert result["step"] == 1
+  assert os.path.exists(tmp_path / "eval.json")
