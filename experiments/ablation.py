@@ -68,6 +68,23 @@ def _load_jsonl(path: str) -> list[dict]:
     return [json.loads(l) for l in f if l.strip()]
 
 
+def _write_json(path: str, value) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _finished(workdir: str, steps: int) -> dict | None:
+  """The final evaluation of a run that already completed `steps` steps, else None."""
+  path = os.path.join(workdir, "eval.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    res = json.load(f)
+  return res if res.get("step") == steps else None
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. The named runs.
 
@@ -92,7 +109,9 @@ def run_ablation(args) -> dict:
     for seed in seeds:
       t = time.time()
       ec = gsm_math.config_from_args(_flags(name, seed, args))
-      res = runner.main(ec)
+      res = _finished(ec.run.workdir, args.steps)
+      if res is None:
+        res = runner.main(ec)
       metrics = [m for m in _load_jsonl(os.path.join(ec.run.workdir, "metrics.jsonl"))
                  if "generated_tokens" in m]  # step lines (not the periodic eval lines)
       curve = []
@@ -113,6 +132,7 @@ def run_ablation(args) -> dict:
           "train_seconds": float(sum(m["seconds/step"] for m in metrics)),
       }
       done += 1
+      _write_json(os.path.join(args.out, "ablation.json"), results)  # after every run
       eta = (time.time() - started) / done * (total - done)
       print(f"[{done}/{total}] {name} seed {seed}: anytime {res['anytime_score']:.3f} final "
             f"{res['final_accuracy']:.3f} ({time.time() - t:.0f} s; about {eta / 60:.0f} min "
