@@ -45,7 +45,7 @@ case "$target" in
     ;;
   test)
     install requirements-test.txt
-    exec python -m pytest -q "$@"
+    exec python -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
     ;;
   bench)
     install requirements-test.txt
