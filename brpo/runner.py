@@ -300,8 +300,10 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
     data.restore(meta["data"])
     start = int(meta["step"])
     log.info("resumed from %s at step %d", ckpt.directory, start)
-  writer = MetricsWriter(run.workdir, enabled=r.is_main, resume_step=start if start else None)
-  history = [h for h in writer.truncate_after(start) if "loss" in h] if start else []
+  # Also at step 0: a run killed before its first checkpoint starts over, and the lines (and
+  # TensorBoard events) its first attempt wrote are dropped.
+  writer = MetricsWriter(run.workdir, enabled=r.is_main, resume_step=start)
+  history = [h for h in writer.truncate_after(start) if "loss" in h]
   if r.is_main:
     with open(os.path.join(run.workdir, "config.json"), "w") as f:
       f.write(ec.to_json())

@@ -100,3 +100,20 @@ def test_non_finite_updates_stop_the_run_without_a_checkpoint(tmp_path, tiny_war
   records = rh.read_metrics(workdir)
   assert [r["step"] for r in records] == [1, 2]
   assert all(r["bad_updates"] == 2 for r in records), records
+
+
+def test_killed_before_the_first_checkpoint_starts_over(tmp_path, tiny_warmstart_dir,
+                                                        uninterrupted):
+  """No complete checkpoint yet (killed during step 1's save): the restart begins at step 0 and
+  the lines its first attempt wrote are dropped, not kept in front of the new ones."""
+  workdir = tmp_path / "no_checkpoint"
+  shutil.copytree(uninterrupted, workdir)
+  ckpts = workdir / "checkpoints"
+  os.rename(ckpts / "1", ckpts / "1.orbax-checkpoint-tmp-1700000000000000")
+  shutil.rmtree(ckpts / "2")
+  shutil.rmtree(ckpts / "3")
+  os.remove(workdir / "eval.json")
+  finish(start(workdir, tiny_warmstart_dir))
+  assert [r["step"] for r in rh.read_metrics(workdir)] == [1, 2, 3]
+  assert not _saving(workdir)
+  assert_same_run(uninterrupted, workdir)
