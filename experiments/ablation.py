@@ -437,31 +437,15 @@ def main(argv=None):
   if args.skip_real:
     parts.discard("real")
   if not args.report_only:
-    t = time.time()
     seconds = {}
-    if "runs" in parts:
-      results = run_ablation(args)
-      seconds["runs"] = time.time() - t
-      with open(os.path.join(args.out, "ablation.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    if "base" in parts:
-      t_part = time.time()
-      base = evaluate_base(args)
-      with open(os.path.join(args.out, "base.json"), "w") as f:
-        json.dump(base, f, indent=1)
-      seconds["base"] = time.time() - t_part
-    if "variance" in parts:
-      t_part = time.time()
-      var = measure_variance(args)
-      seconds["variance"] = time.time() - t_part
-      with open(os.path.join(args.out, "variance.json"), "w") as f:
-        json.dump(var, f, indent=1)
-    if "real" in parts:
-      t_part = time.time()
-      real = real_data(args)
-      seconds["real"] = time.time() - t_part
-      with open(os.path.join(args.out, "real_data.json"), "w") as f:
-        json.dump(real, f, indent=1)
+    # Each part: the function that does it and the file its result goes to (written atomically).
+    jobs = {"runs": (run_ablation, "ablation.json"), "base": (evaluate_base, "base.json"),
+            "variance": (measure_variance, "variance.json"), "real": (real_data, "real_data.json")}
+    for part, (fn, name) in jobs.items():
+      if part in parts:
+        t_part = time.time()
+        _write_json(os.path.join(args.out, name), fn(args))
+        seconds[part] = time.time() - t_part
     meta_path = os.path.join(args.out, "meta.json")
     meta = {}
     if os.path.exists(meta_path):
