@@ -20,8 +20,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from brpo import anytime as at  # noqa: E402
-from brpo import sampling as smp  # noqa: E402
+from brpo.rollout import anytime as at  # noqa: E402
+from brpo.rollout import sampling as smp  # noqa: E402
 from models import config as config_lib  # noqa: E402
 from models import decoder as dec  # noqa: E402
 from models import masks  # noqa: E402

@@ -16,7 +16,7 @@ import re
 import time
 from typing import Any
 
-from brpo import rewards
+from brpo.grading import rewards
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GSM8K_FILE = DATA / "gsm8k" / "test.jsonl"

@@ -23,9 +23,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from brpo import anytime as at  # noqa: E402
-from brpo import loss as loss_lib  # noqa: E402
-from brpo import packing as pk  # noqa: E402
+from brpo.rollout import anytime as at  # noqa: E402
+from brpo.core import loss as loss_lib  # noqa: E402
+from brpo.train import packing as pk  # noqa: E402
 from models import config as config_lib  # noqa: E402
 from models import decoder as dec  # noqa: E402
 

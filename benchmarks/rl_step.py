@@ -19,11 +19,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from brpo import anytime as at  # noqa: E402
-from brpo import data as data_lib  # noqa: E402
-from brpo import rl as rl_lib  # noqa: E402
-from brpo import runner  # noqa: E402
-from brpo.rewards import Grader  # noqa: E402
+from brpo.rollout import anytime as at  # noqa: E402
+from brpo.tasks import data as data_lib  # noqa: E402
+from brpo.run import rl_step as rl_lib  # noqa: E402
+from brpo.run import runner  # noqa: E402
+from brpo.grading.rewards import Grader  # noqa: E402
 from experiments import gsm_math  # noqa: E402
 from models import decoder as dec  # noqa: E402
 

@@ -90,7 +90,7 @@ def _finished(workdir: str, steps: int) -> dict | None:
 
 
 def run_ablation(args) -> dict:
-  from brpo import runner
+  from brpo.run import runner
   from experiments import gsm_math
 
   runs = args.runs.split(",")
@@ -148,13 +148,13 @@ def run_ablation(args) -> dict:
 def measure_variance(args) -> dict:
   import jax
 
-  from brpo import advantages as adv_lib
-  from brpo import anytime as at
-  from brpo import data as data_lib
-  from brpo import rl as rl_lib
-  from brpo import runner
-  from brpo import sampling
-  from brpo.rewards import Grader
+  from brpo.core import advantages as adv_lib
+  from brpo.rollout import anytime as at
+  from brpo.tasks import data as data_lib
+  from brpo.run import rl_step as rl_lib
+  from brpo.run import runner
+  from brpo.rollout import sampling
+  from brpo.grading.rewards import Grader
   from experiments import gsm_math
 
   ec = gsm_math.config_from_args(_flags("ar_uniform", 0, args))
@@ -197,7 +197,7 @@ def measure_variance(args) -> dict:
 
 def evaluate_base(args) -> dict:
   """The warm start itself (no RL) under the same evaluation: the runs' common starting point."""
-  from brpo import runner
+  from brpo.run import runner
   from experiments import gsm_math
 
   ec = gsm_math.config_from_args(_flags("ar_uniform", 0, args)[:1] + [
@@ -214,7 +214,7 @@ def evaluate_base(args) -> dict:
 
 
 def real_data(args) -> dict:
-  from brpo import runner
+  from brpo.run import runner
   from experiments import gsm_math
 
   data = os.path.join(os.path.dirname(ROOT), "shared", "data", "gsm8k")

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from brpo import config as C  # noqa: E402
+from brpo.run import config as C  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -260,7 +260,7 @@ def main(argv):
     ec = config_from_flags()
   except ValueError as e:
     _fail(str(e))
-  from brpo import runner
+  from brpo.run import runner
 
   try:
     runner.main(ec)

@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from brpo import evaluation  # noqa: E402
+from brpo.run import evaluation  # noqa: E402
 
 
 def main(argv=None):

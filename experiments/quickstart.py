@@ -24,11 +24,13 @@ os.chdir(ROOT)
 
 import jax  # noqa: E402
 
-from brpo import anytime as at  # noqa: E402
-from brpo import data as data_lib  # noqa: E402
-from brpo import evaluation, runner, sampling  # noqa: E402
-from brpo import rl as rl_lib  # noqa: E402
-from brpo.rewards import Grader  # noqa: E402
+from brpo.rollout import anytime as at  # noqa: E402
+from brpo.tasks import data as data_lib  # noqa: E402
+from brpo.run import evaluation
+from brpo.run import runner
+from brpo.rollout import sampling  # noqa: E402
+from brpo.run import rl_step as rl_lib  # noqa: E402
+from brpo.grading.rewards import Grader  # noqa: E402
 from experiments import gsm_math  # noqa: E402
 
 # The embedded default's configuration; QUICKSTART_FLAGS (space separated) overrides flags, e.g.

@@ -21,7 +21,7 @@ def tiny_warmstart_dir(tmp_path_factory) -> str:
   """A directory holding the tiny task's 20-step warm start, built once per test session;
   runs with --warmstart_dir=<it> --warmstart_steps=20 (and the default --warmstart_seed) reuse it.
   """
-  from brpo import runner
+  from brpo.run import runner
   from experiments import gsm_math
 
   path = str(tmp_path_factory.mktemp("warmstart_tiny"))

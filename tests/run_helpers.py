@@ -138,7 +138,7 @@ def restore_params(workdir: str, step: int | None = None):
   """The params of a run's checkpoint (latest by default), as numpy, with its step."""
   import orbax.checkpoint as ocp
 
-  from brpo.checkpointing import Checkpointer
+  from brpo.run.checkpointing import Checkpointer
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   step = ckpt.latest_step() if step is None else step
@@ -163,7 +163,7 @@ def main(argv: Sequence[str]) -> None:
 
   # As tests/conftest.py sets it, so that subprocess runs equal in-process runs bit for bit.
   jax.config.update("jax_default_matmul_precision", "highest")
-  from brpo import rewards
+  from brpo.grading import rewards
   from experiments import gsm_math
 
   from absl import app

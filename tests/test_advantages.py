@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brpo import advantages as adv
+from brpo.core import advantages as adv
 
 MODES = ("brpo", "v1only", "v2only", "none")
 

@@ -8,9 +8,9 @@ import string
 import numpy as np
 import pytest
 
-from brpo import arith
-from brpo import rewards
-from brpo.data import Example
+from brpo.tasks.arith import task as arith
+from brpo.grading import rewards
+from brpo.tasks.data import Example
 from models import tokenizer as tok_lib
 
 TASK = arith.ArithTask(min_terms=2, max_terms=7, digits=2)

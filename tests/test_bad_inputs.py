@@ -18,8 +18,8 @@ import sys
 import numpy as np
 import pytest
 
-from brpo import runner
-from brpo.checkpointing import Checkpointer
+from brpo.run import runner
+from brpo.run.checkpointing import Checkpointer
 from conftest import ROOT, WARMSTART_STEPS
 from experiments import gsm_math
 from models import tokenizer as tok_lib
@@ -201,7 +201,7 @@ def test_long_prompts_are_skipped_and_counted(tmp_path, tiny_warmstart_dir, capl
   ec = gsm_math.config_from_args([
       f"--flagfile={TINY}", f"--warmstart_dir={tiny_warmstart_dir}",
       f"--warmstart_steps={WARMSTART_STEPS}", "--eval_size=32", "--progress=false"])
-  from brpo import data as data_lib
+  from brpo.tasks import data as data_lib
 
   examples = data_lib.load_dataset(ec.data.eval)[:32]
   lengths = [len(tokenizer.encode(tok_lib.plain_template(e.question))) for e in examples]

@@ -6,7 +6,7 @@ Every invalid input must raise a one-line ValueError that names the problem.
 import numpy as np
 import pytest
 
-from brpo import budgets as B
+from brpo.core import budgets as B
 
 
 def test_support_from_b_max_and_m():

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from brpo import data
-from brpo.data import DataIterator, Example
+from brpo.tasks import data
+from brpo.tasks.data import DataIterator, Example
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
 GSM8K = os.path.join(FIXTURES, "gsm8k_small.jsonl")

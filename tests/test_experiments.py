@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from brpo import runner
+from brpo.run import runner
 from conftest import ROOT, WARMSTART_STEPS
 from experiments import gsm_math
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brpo import loss as L
+from brpo.core import loss as L
 
 AGGS = ("dr_grpo", "token_mean", "seq_mean_token_mean")
 

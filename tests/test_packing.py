@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brpo import anytime as at
-from brpo import packing as pk
-from brpo import sampling as smp
+from brpo.rollout import anytime as at
+from brpo.train import packing as pk
+from brpo.rollout import sampling as smp
 from models import config, decoder as dec
 
 # Fixed here (not the named "tiny", which may be retuned): expected tokens depend on it.

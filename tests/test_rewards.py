@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import numpy as np
 import pytest
 
-from brpo import rewards
+from brpo.grading import rewards
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "rewards"
 GSM8K = [json.loads(line) for line in (FIXTURES / "gsm8k_style.jsonl").read_text().splitlines()]

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brpo import anytime as at
-from brpo import config as C
-from brpo import packing as pk
-from brpo import rl as rl_lib
+from brpo.rollout import anytime as at
+from brpo.run import config as C
+from brpo.train import packing as pk
+from brpo.run import rl_step as rl_lib
 from models import config, decoder as dec, sharding as shd
 
 # Fixed here (not the named "tiny", which may be retuned): expected tokens depend on it.

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brpo import anytime as at
-from brpo import sampling as smp
+from brpo.rollout import anytime as at
+from brpo.rollout import sampling as smp
 from models import config, decoder as dec, masks
 
 # Fixed here (not the named "tiny", which may be retuned): expected tokens depend on it.

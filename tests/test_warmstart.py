@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brpo import arith
-from brpo import warmstart as ws_lib
-from brpo.data import Example
+from brpo.tasks.arith import task as arith
+from brpo.tasks.arith import warmstart as ws_lib
+from brpo.tasks.data import Example
 from models import decoder as dec
 from models import tokenizer as tok_lib
 from models.config import get_config

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from brpo.data import Example
+from brpo.tasks.data import Example
 from models import tokenizer as tok_lib
 
 # SPEC §4: the texts inserted after a cut thinking and before the summary.

@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from brpo import advantages as adv_lib
-from brpo import anytime as at
-from brpo import loss as loss_lib
-from brpo import multihost
-from brpo import packing
-from brpo import sampling
-from brpo.config import OptimConfig, RLConfig
+from brpo.core import advantages as adv_lib
+from brpo.rollout import anytime as at
+from brpo.core import loss as loss_lib
+from brpo.rollout import multihost
+from brpo.train import packing
+from brpo.rollout import sampling
+from brpo.run.config import OptimConfig, RLConfig
 from models import decoder as dec
 from models import sharding as shd
 from models.config import ModelConfig

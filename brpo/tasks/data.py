@@ -178,7 +178,7 @@ def load_dataset(spec: str) -> list[Example]:
   `brpo.arith.parse_spec` for the keys).
   """
   if spec.startswith("arith:"):
-    from brpo import arith  # Imported here: arith needs this module's Example.
+    from brpo.tasks.arith import task as arith  # Imported here: arith needs this module's Example.
 
     return arith.load(spec)
   if ":" in spec.split(os.sep)[0] and not os.path.exists(spec):

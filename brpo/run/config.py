@@ -10,9 +10,9 @@ import dataclasses
 import json
 from typing import Any
 
-from brpo import advantages as adv_lib
-from brpo import budgets as budgets_lib
-from brpo import loss as loss_lib
+from brpo.core import advantages as adv_lib
+from brpo.core import budgets as budgets_lib
+from brpo.core import loss as loss_lib
 from models import config as model_configs
 from models import tokenizer as tok_lib
 

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brpo import multihost
-from brpo import sampling
+from brpo.rollout import multihost
+from brpo.rollout import sampling
 from models import decoder as dec
 from models.config import ModelConfig
 from models.tokenizer import Tokenizer

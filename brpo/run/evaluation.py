@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import tqdm
 
-from brpo import anytime as at
-from brpo import multihost
-from brpo import rl as rl_lib
-from brpo import sampling
+from brpo.rollout import anytime as at
+from brpo.rollout import multihost
+from brpo.run import rl_step as rl_lib
+from brpo.rollout import sampling
 from models.config import ModelConfig
 from models.tokenizer import Tokenizer
 

@@ -15,7 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from brpo.anytime import AnytimeRollout
+from brpo.rollout.anytime import AnytimeRollout
 from models import decoder as dec
 from models import masks
 from models.config import ModelConfig

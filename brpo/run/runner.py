@@ -19,13 +19,13 @@ import jax
 import numpy as np
 import tqdm
 
-from brpo import anytime as at
-from brpo import data as data_lib
-from brpo import evaluation
-from brpo import rl as rl_lib
-from brpo import sampling
-from brpo.checkpointing import Checkpointer
-from brpo.config import ExperimentConfig, OptimConfig, RLConfig
+from brpo.rollout import anytime as at
+from brpo.tasks import data as data_lib
+from brpo.run import evaluation
+from brpo.run import rl_step as rl_lib
+from brpo.rollout import sampling
+from brpo.run.checkpointing import Checkpointer
+from brpo.run.config import ExperimentConfig, OptimConfig, RLConfig
 from models import decoder as dec
 from models import sharding as shd
 from models import tokenizer as tok_lib
@@ -64,7 +64,8 @@ def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] =
   spec = ec.model
   numerics = dict(dtype=spec.dtype, param_dtype=spec.param_dtype)
   if spec.init == "warmstart":
-    from brpo import arith, warmstart
+    from brpo.tasks.arith import warmstart
+    from brpo.tasks.arith import task as arith
 
     if not ec.data.train.startswith("arith:"):
       raise ValueError(f"--init=warmstart trains the tiny arithmetic task, but --train_data="
@@ -223,7 +224,7 @@ class Run:
       log.warning("--eval_data=%s: %d questions longer than --max_prompt_len=%d skipped",
                   ec.data.eval, self.eval_skipped, ec.model.max_prompt_len)
     self.eval_examples = eval_examples
-    from brpo.rewards import Grader
+    from brpo.grading.rewards import Grader
 
     self.grader = Grader(num_workers=run.grader_workers, timeout_s=run.grader_timeout_s)
 
@@ -402,7 +403,7 @@ def evaluate_only(ec: ExperimentConfig) -> dict[str, Any]:
 
 def config_from_dict(d: dict[str, Any]) -> ExperimentConfig:
   """The inverse of ExperimentConfig.to_dict (lists back to tuples)."""
-  from brpo import config as c
+  from brpo.run import config as c
 
   conv = lambda cls, x: cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in x.items()})
   return c.ExperimentConfig(model=conv(c.ModelSpec, d["model"]), data=conv(c.DataConfig, d["data"]),

@@ -23,8 +23,8 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
-from brpo import arith
-from brpo.data import DataIterator, Example, dedup_train_eval, load_dataset
+from brpo.tasks.arith import task as arith
+from brpo.tasks.data import DataIterator, Example, dedup_train_eval, load_dataset
 from models import decoder as dec
 from models import masks
 from models import tokenizer as tok_lib
@@ -267,7 +267,7 @@ def grade_summary(response: str, answers: Sequence[str]) -> bool:
   extracted answer, enough for the integer answers of the synthetic task.
   """
   try:
-    from brpo import rewards  # Written alongside; optional here.
+    from brpo.grading import rewards  # Written alongside; optional here.
   except ImportError:
     rewards = None
   if rewards is not None and hasattr(rewards, "grade"):
