@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from brpo.core import budgets as B
 from brpo.rollout import anytime as at
-from brpo.train import packing as pk
 from brpo.rollout import sampling as smp
+from brpo.train import packing as pk
 from models import config, decoder as dec
 
 # Fixed here (not the named "tiny", which may be retuned): expected tokens depend on it.
@@ -133,6 +134,6 @@ def test_entropy_matches_definition(setup):
   np.testing.assert_allclose(lp, pk.token_logprobs(sharp, CFG, b), atol=1e-6)
 
 
-def test_segment_ids():
-  np.testing.assert_array_equal(pk.segment_ids((2, 4, 6), 6), [0, 0, 1, 1, 2, 2])
+def test_segment_of_tokens_traced_budgets():
+  np.testing.assert_array_equal(B.segment_of_tokens(jnp.asarray((2, 4, 6)), 6), [0, 0, 1, 1, 2, 2])
   np.testing.assert_array_equal(smp.bucket_length(3), 8)

@@ -10,6 +10,8 @@ import math
 import numbers
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 PRIORS = ("uniform", "linear", "base")
@@ -140,15 +142,19 @@ def segment_of_tokens(budgets: BudgetSpec | Sequence[int], length: int) -> np.nd
   b_s >= t.
 
   Args:
-    budgets: a BudgetSpec or the support b_1 < ... < b_m.
-    length: the number of thinking tokens, 0 <= length <= b_m.
+    budgets: a BudgetSpec, the support b_1 < ... < b_m, or a JAX array [m] of it (inside jit:
+      the training rows carry the support as an array).
+    length: the number of thinking tokens, 0 <= length <= b_m (static).
 
   Returns:
-    int32 [length].
+    int32 [length]: numpy, or JAX for a JAX `budgets`.
   """
-  support = budgets.budgets if isinstance(budgets, BudgetSpec) else tuple(budgets)
   if length < 0:
     raise ValueError(f"length={length} is negative")
+  if isinstance(budgets, jax.Array):  # Values may be traced: the caller checked the support.
+    t = jnp.arange(1, length + 1)
+    return jnp.searchsorted(budgets, t, side="left").astype(jnp.int32)
+  support = budgets.budgets if isinstance(budgets, BudgetSpec) else tuple(budgets)
   if length > support[-1]:
     raise ValueError(f"length={length} exceeds b_max={support[-1]}: such tokens have no segment")
   t = np.arange(1, length + 1)

@@ -24,9 +24,7 @@ from models import decoder as dec
 from models.config import ModelConfig
 from models.tokenizer import Tokenizer
 
-# The texts SPEC §4 inserts after a cut.
-ELLIPSIS_TEXT = "...\n\n...\n\n"  # then the end-of-thinking token(s)
-ANSWER_MARKER = "\n\n**Final Answer**\n"
+from brpo.core.texts import ANSWER_MARKER, ELLIPSIS_TEXT  # noqa: F401  (SPEC §4 texts)
 
 # How a thinking ended (`thinking_end`).
 END_BUDGET, END_THINK, END_EOS = -1, 0, 1

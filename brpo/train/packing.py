@@ -15,6 +15,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from brpo.core import advantages as adv_lib
+from brpo.core import budgets as budgets_lib
 from brpo.rollout.anytime import AnytimeRollout
 from models import decoder as dec
 from models import masks
@@ -45,11 +47,6 @@ class PackedBatch:
     return self.tokens.shape[1] - self.prompt_len
 
 
-def segment_ids(budgets, n: int):
-  """[n] segment (0-based budget index) of thinking tokens 1..n: the first j with b_j >= t."""
-  return jnp.searchsorted(jnp.asarray(budgets), jnp.arange(1, n + 1), side="left")
-
-
 def pack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) -> PackedBatch:
   """Packs an anytime rollout into training rows.
 
@@ -78,8 +75,9 @@ def pack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) -> P
   trunk_pos = jnp.concatenate(
       [masks.positions_from_valid(ro.prompt_valid), n_prompt[:, None] + jnp.arange(b_max)], 1)
   trunk_limit = jnp.broadcast_to(jnp.arange(1, p + b_max + 1), trunk_valid.shape)
-  seg = segment_ids(ro.budgets, b_max)
-  think_adv = jnp.take_along_axis(thinking_adv, jnp.broadcast_to(seg, (r, b_max)), axis=1)
+  seg = budgets_lib.segment_of_tokens(jnp.asarray(ro.budgets), b_max)
+  think_adv = adv_lib.token_advantages(jnp.asarray(thinking_adv),
+                                       jnp.broadcast_to(seg, (r, b_max)), think_valid)
   zeros_p = jnp.zeros((r, p))
   trunk_train = jnp.concatenate([jnp.zeros((r, p), bool), think_valid], axis=1)
 
@@ -87,7 +85,7 @@ def pack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) -> P
   k = jnp.arange(w)
   ins_len = ro.cuts.insert_len[:, :, None, None]
   sum_len = ro.summary_len[..., None]
-  canonical = (ro.cuts.canonical == jnp.arange(m)[None])[:, :, None, None]
+  canonical = adv_lib.dedup_mask(ro.cuts.length)[:, :, None, None]  # each distinct cut once
   in_summary = (k >= ins_len) & (k < ins_len + sum_len)
   is_insert = k < ins_len
   live = (is_insert | in_summary) & canonical
@@ -116,7 +114,7 @@ def pack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) -> P
       loss_mask=cat(trunk_train, br_train),
       old_logp=cat(jnp.concatenate([zeros_p, jnp.where(think_valid, ro.thinking_logp, 0.0)],
                                    1), br_lp).astype(jnp.float32),
-      advantages=cat(jnp.concatenate([zeros_p, jnp.where(think_valid, think_adv, 0.0)], 1),
+      advantages=cat(jnp.concatenate([zeros_p, think_adv], 1),
                      br_adv).astype(jnp.float32),
       is_summary=cat(jnp.zeros_like(trunk_train), br_train),
       prompt_len=p, trunk_len=p + b_max, n_branches=c)

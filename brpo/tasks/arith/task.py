@@ -15,12 +15,11 @@ from typing import Sequence
 
 import numpy as np
 
+from brpo.core.texts import ANSWER_MARKER as ANSWER_PREFIX
+from brpo.core.texts import CUT_TEXT
 from brpo.tasks.data import Example
 from models import tokenizer as tok_lib
 
-# SPEC §4: the texts inserted after a cut thinking and before the summary.
-CUT_TEXT = "...\n\n...\n\n" + tok_lib.THINK_END
-ANSWER_PREFIX = "\n\n**Final Answer**\n"
 # Pieces the tokenizer keeps whole. SentencePiece matches user pieces after turning spaces into
 # "▁", so the piece that covers "**Final Answer**" has to be spelled with it.
 USER_PIECES = (tok_lib.THINK_START, tok_lib.THINK_END, "**Final\u2581Answer**", "\\boxed{")

@@ -1,0 +1,12 @@
+"""The texts SPEC §4 inserts after a cut, written once for decoding, training data and grading.
+
+A running (cut) thinking gets ELLIPSIS_TEXT, the end-of-thinking token, then ANSWER_MARKER; a
+thinking that ended with `</think>` gets ANSWER_MARKER alone.
+"""
+
+from models.tokenizer import THINK_END, THINK_START  # noqa: F401  (the tokens' own names)
+
+ELLIPSIS_TEXT = "...\n\n...\n\n"  # after a cut, before the end-of-thinking token(s)
+FINAL_ANSWER = "**Final Answer**"
+ANSWER_MARKER = "\n\n" + FINAL_ANSWER + "\n"  # before every summary
+CUT_TEXT = ELLIPSIS_TEXT + THINK_END  # what follows a cut thinking, up to the answer marker
