@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from brpo.rollout import anytime as at  # noqa: E402
 from brpo.tasks import data as data_lib  # noqa: E402
 from brpo.run import rl_step as rl_lib  # noqa: E402
+from brpo.train import step as train_lib  # noqa: E402
 from brpo.run import runner  # noqa: E402
 from brpo.grading.rewards import Grader  # noqa: E402
 from experiments import gsm_math  # noqa: E402
@@ -43,9 +44,9 @@ def time_run(flagfile: str, steps: int, extra: list[str], model) -> dict[str, fl
   spec = rl.budget_spec
   response_len = spec.b_max + spec.m * rl.n_summaries * (n_ins + rl.summary_len)
   upd = rl.prompts_per_batch // rl.mini_batch_prompts
-  opt = rl_lib.make_optimizer(ec.optim, steps * upd)
-  state = rl_lib.init_train_state(jax.tree.map(np.copy, params), opt, 0)
-  step = rl_lib.make_train_step(cfg, opt, rl, response_len)
+  opt = train_lib.make_optimizer(ec.optim, steps * upd)
+  state = train_lib.init_train_state(jax.tree.map(np.copy, params), opt, 0)
+  step = train_lib.make_train_step(cfg, opt, rl, response_len)
   it = data_lib.DataIterator(list(range(len(prompts))), rl.prompts_per_batch, 0)
   with Grader(num_workers=1) as grader:
     ctx = rl_lib.RLContext(cfg=cfg, tokenizer=tokenizer, toks=toks, rl=rl, grader=grader,

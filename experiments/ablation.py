@@ -151,7 +151,7 @@ def measure_variance(args) -> dict:
   from brpo.core import advantages as adv_lib
   from brpo.rollout import anytime as at
   from brpo.tasks import data as data_lib
-  from brpo.run import rl_step as rl_lib
+  from brpo.run import scoring
   from brpo.run import runner
   from brpo.rollout import sampling
   from brpo.grading.rewards import Grader
@@ -171,7 +171,7 @@ def measure_variance(args) -> dict:
                           think_strategy=strategy, summary_strategy=strategy,
                           prompt_length=runner._prompt_length(prompts))
   with Grader(num_workers=1) as grader:
-    rewards = rl_lib.score_rollout(ro, tokenizer, toks, [r for r in refs
+    rewards = scoring.score_rollout(ro, tokenizer, toks, [r for r in refs
                                                          for _ in range(rl.group_size)], grader)
   n, g, m = len(prompts), rl.group_size, len(spec.budgets)
   cut = rewards.reshape(n, g, m, -1).mean(-1).astype(np.float64)

@@ -29,7 +29,7 @@ from brpo.tasks import data as data_lib  # noqa: E402
 from brpo.run import evaluation
 from brpo.run import runner
 from brpo.rollout import sampling  # noqa: E402
-from brpo.run import rl_step as rl_lib  # noqa: E402
+from brpo.run import scoring  # noqa: E402
 from brpo.grading.rewards import Grader  # noqa: E402
 from experiments import gsm_math  # noqa: E402
 
@@ -68,9 +68,9 @@ greedy = sampling.make_strategy(0.0, 1.0)
 ro = at.anytime_rollout(params, cfg, prompts[:3], spec, toks, jax.random.PRNGKey(0),
                         think_strategy=greedy, summary_strategy=greedy)
 with Grader(num_workers=1) as grader:
-  rewards = rl_lib.score_rollout(ro, tokenizer, toks, refs[:3], grader)  # [R, m, A]
+  rewards = scoring.score_rollout(ro, tokenizer, toks, refs[:3], grader)  # [R, m, A]
 texts = {(r, j): (think, summary) for r, j, _, think, summary, _ in
-         rl_lib.rollout_texts(ro, tokenizer, toks)}
+         scoring.rollout_texts(ro, tokenizer, toks)}
 for r in range(3):
   print(f"\n=== {examples[r].question}   (answer {refs[r]})")
   for j, b in enumerate(budgets):

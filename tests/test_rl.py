@@ -10,6 +10,7 @@ from brpo.rollout import anytime as at
 from brpo.run import config as C
 from brpo.train import packing as pk
 from brpo.run import rl_step as rl_lib
+from brpo.train import step as train_lib
 from models import config, decoder as dec, sharding as shd
 
 # Fixed here (not the named "tiny", which may be retuned): expected tokens depend on it.
@@ -40,10 +41,10 @@ def batch():
 def _run(params, b, rl, mesh=None):
   # Adam's first update is about lr * sign(g) wherever g is not ~0: lr = 1e-4 keeps float noise
   # in near-zero gradients under the 1e-5 tolerance while a wrong update would exceed it.
-  opt = rl_lib.make_optimizer(C.OptimConfig(lr=1e-4), 10)
+  opt = train_lib.make_optimizer(C.OptimConfig(lr=1e-4), 10)
   params = jax.tree.map(jnp.copy, params)  # the step donates the state
-  state = rl_lib.init_train_state(params, opt, 0, mesh, dec.param_axes(CFG) if mesh else None)
-  step = rl_lib.make_train_step(CFG, opt, rl, b.response_len)
+  state = train_lib.init_train_state(params, opt, 0, mesh, dec.param_axes(CFG) if mesh else None)
+  step = train_lib.make_train_step(CFG, opt, rl, b.response_len)
   if mesh is not None:
     b = jax.tree.map(lambda x: rl_lib._put_rows(x, mesh), b)
   state, met = step(state, b)

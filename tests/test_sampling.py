@@ -124,6 +124,8 @@ def test_sample_errors(params):
     smp.sample(params, CFG, [[]], 4, pad_id=0)
   with pytest.raises(ValueError, match="max_seq_len"):
     smp.sample(params, CFG, [[1]], CFG.max_seq_len, pad_id=0)
+  with pytest.raises(ValueError, match="needs an rng key"):  # never a silent fixed key
+    smp.sample(params, CFG, [[1]], 4, smp.Temperature(1.0), pad_id=0)
   with pytest.raises(ValueError, match="stop sequences must be non-empty"):
     smp.stop_array([[1], []])
 

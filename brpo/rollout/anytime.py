@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brpo.rollout import multihost
 from brpo.rollout import sampling
 from models import decoder as dec
 from models.config import ModelConfig
@@ -253,32 +252,34 @@ def anytime_rollout(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                     think_strategy=sampling.Temperature(1.0),
                     summary_strategy=sampling.Temperature(1.0),
                     prompt_length: int | None = None,
-                    timings: dict[str, float] | None = None, mesh=None) -> AnytimeRollout:
-  """Samples G thinkings per prompt (up to b_m tokens) and A summaries at every distinct cut.
+                    timings: dict[str, float] | None = None) -> AnytimeRollout:
+  """`rollout_rows` on N prompts, each repeated G times and left-padded here (one process).
 
-  The thinking is sampled once; its KV cache is then read in place by all m * A branches of its
-  row. A budget whose cut equals an earlier budget's (the thinking ended before it) gets no
-  branches of its own: `cuts.canonical` points to the budget whose summaries serve it.
-  With `timings`, waits for each phase and records its seconds ("thinking", "summaries").
+  The run system pads and places rows across processes itself (`brpo.run.multihost`).
+  """
+  rows = [list(p) for p in prompts for _ in range(spec.group_size)]
+  prompt, valid = sampling.pad_prompts(rows, toks.pad_id, prompt_length)
+  return rollout_rows(params, cfg, prompt, valid, spec, toks, rng, think_strategy=think_strategy,
+                      summary_strategy=summary_strategy, timings=timings)
 
-  With a `mesh`, the R = N * G rows are split over its batch axes (multihost.row_sharding) and
-  every process pads only the rows it holds (the same `prompts` on every process); the
-  rollout's arrays are global arrays.
+
+def rollout_rows(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
+                 toks: AnytimeTokens, rng, *, think_strategy=sampling.Temperature(1.0),
+                 summary_strategy=sampling.Temperature(1.0),
+                 timings: dict[str, float] | None = None) -> AnytimeRollout:
+  """Samples one thinking per row (up to b_m tokens) and A summaries at every distinct cut.
+
+  prompt, valid: [R, P] left-padded prompt rows (R = N * G: the G rows of a prompt adjacent),
+  plain or global (sharded) arrays. The thinking is sampled once; its KV cache is then read in
+  place by all m * A branches of its row. A budget whose cut equals an earlier budget's (the
+  thinking ended before it) gets no branches of its own: `cuts.canonical` points to the budget
+  whose summaries serve it. With `timings`, waits for each phase and records its seconds
+  ("thinking", "summaries").
   """
   clock = time.perf_counter()
-  g, a, s_len = spec.group_size, spec.n_summaries, spec.summary_len
+  a, s_len = spec.n_summaries, spec.summary_len
   m = len(spec.budgets)
-  rows = [list(p) for p in prompts for _ in range(g)]
   rng_think, rng_sum = jax.random.split(rng)
-  if mesh is None:
-    prompt, valid = sampling.pad_prompts(rows, toks.pad_id, prompt_length)
-  else:
-    # Every process must pad to the same length: it comes from all rows, not this one's share.
-    length = prompt_length or sampling.bucket_length(max(len(p) for p in rows))
-    where = multihost.row_sharding(mesh, len(rows), 2)
-    mine = sampling.pad_prompts(rows[multihost.process_rows(where, len(rows))], toks.pad_id,
-                                length)
-    prompt, valid = (multihost.put_rows(x, where, len(rows)) for x in mine)
   out, state = sampling.sample_padded(
       params, cfg, prompt, valid, spec.b_max, think_strategy, toks.thinking_stops, rng_think,
       pad_id=toks.pad_id, write_last=True, return_state=True)
@@ -288,7 +289,7 @@ def anytime_rollout(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     clock = time.perf_counter()
   thinking_end = toks.end_kind(out.stop_reason)
   cuts = compute_cuts(out.lengths, thinking_end, spec.budgets, toks)
-  r = len(rows)
+  r = prompt.shape[0]
   rep = lambda x: jnp.repeat(x, a, axis=1)  # [R, m, ...] -> [R, m * A, ...]
   active = rep(cuts.canonical == jnp.arange(m)[None, :])
   prompt_len = state.cache.length - spec.b_max

@@ -280,7 +280,10 @@ def sample_padded(params, cfg: ModelConfig, tokens, valid, max_new_tokens: int,
     raise ValueError(f"prompt ({tokens.shape[1]} padded) + {max_new_tokens} new tokens exceeds "
                      f"the model's max_seq_len={cfg.max_seq_len}")
   stops = stop_array(stop_sequences or [[-2]])  # -2 never matches a sampled token
-  rng = jax.random.PRNGKey(0) if rng is None else rng
+  if rng is None:
+    if not isinstance(strategy, Greedy):
+      raise ValueError(f"sampling with {strategy} needs an rng key (only Greedy() runs without)")
+    rng = jax.random.PRNGKey(0)  # Never read by greedy decoding; the loop state needs a key.
   state = prefill_jit(params, cfg, tokens, valid, stops, rng, n_new=max_new_tokens,
                       strategy=strategy, pad_id=pad_id)
   state = decode_jit(params, cfg, state, stops, strategy=strategy, pad_id=pad_id,

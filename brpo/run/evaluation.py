@@ -13,8 +13,8 @@ import numpy as np
 import tqdm
 
 from brpo.rollout import anytime as at
-from brpo.rollout import multihost
-from brpo.run import rl_step as rl_lib
+from brpo.run import multihost
+from brpo.run import scoring
 from brpo.rollout import sampling
 from models.config import ModelConfig
 from models.tokenizer import Tokenizer
@@ -55,12 +55,13 @@ def evaluate(params, cfg: ModelConfig, tokenizer: Tokenizer, toks: at.AnytimeTok
     idx = list(range(start, min(start + bp, n)))
     keep = len(idx)
     idx += [idx[-1]] * (bp - keep)  # pad the last batch: same shapes, no recompilation
-    ro = at.anytime_rollout(params, cfg, [prompts[k] for k in idx], spec, toks,
-                            jax.random.fold_in(rng, i), think_strategy=strategy,
-                            summary_strategy=strategy, prompt_length=prompt_length, mesh=mesh)
+    prompt, valid = multihost.prompt_rows([prompts[k] for k in idx], samples, toks.pad_id,
+                                          prompt_length, mesh)
+    ro = at.rollout_rows(params, cfg, prompt, valid, spec, toks, jax.random.fold_in(rng, i),
+                         think_strategy=strategy, summary_strategy=strategy)
     rows = keep * samples
     refs = [references[k] for k in idx for _ in range(samples)]
-    rewards = rl_lib.score_rollout(ro, tokenizer, toks, refs, grader)[:rows, :, 0]
+    rewards = scoring.score_rollout(ro, tokenizer, toks, refs, grader)[:rows, :, 0]
     correct += rewards.sum(0)
     think_tokens += float(multihost.fetch(ro.thinking_len)[:rows].sum())
     count += rows

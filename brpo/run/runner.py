@@ -23,6 +23,7 @@ from brpo.rollout import anytime as at
 from brpo.tasks import data as data_lib
 from brpo.run import evaluation
 from brpo.run import rl_step as rl_lib
+from brpo.train import step as train_lib
 from brpo.rollout import sampling
 from brpo.run.checkpointing import Checkpointer
 from brpo.run.config import ExperimentConfig, OptimConfig, RLConfig
@@ -273,12 +274,12 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
   updates_per_step = rl.ppo_epochs * (rl.prompts_per_batch // rl.mini_batch_prompts)
   optimizer, train_step = _train_fns(cfg, ec.optim, rl, run.steps * updates_per_step,
                                      response_len)
-  state = rl_lib.init_train_state(r.params, optimizer, run.seed, mesh, dec.param_axes(cfg),
+  state = train_lib.init_train_state(r.params, optimizer, run.seed, mesh, dec.param_axes(cfg),
                                   with_ref=rl.kl_coef > 0)
   del r.params
   # The state keeps its layout (jit follows the committed shardings of its inputs; rows of a
   # mini-batch are split over (data, fsdp) by rl._put_rows).
-  lr_fn = rl_lib.lr_schedule(ec.optim, run.steps * updates_per_step)
+  lr_fn = train_lib.lr_schedule(ec.optim, run.steps * updates_per_step)
   ctx = rl_lib.RLContext(cfg=cfg, tokenizer=r.tokenizer, toks=r.toks, rl=rl, grader=r.grader,
                          train_step=train_step, lr_fn=lambda s: lr_fn(s * updates_per_step),
                          mesh=mesh, prompt_length=prompt_length)
@@ -367,8 +368,8 @@ def _train_fns(cfg: ModelConfig, optim: OptimConfig, rl: RLConfig, total_updates
                response_len: int):
   """(optimizer, jitted train step) of a configuration, built once per process: later runs in
   the same process (an ablation, a test, a resumed run in a notebook) reuse its compilation."""
-  optimizer = rl_lib.make_optimizer(optim, total_updates)
-  return optimizer, rl_lib.make_train_step(cfg, optimizer, rl, response_len)
+  optimizer = train_lib.make_optimizer(optim, total_updates)
+  return optimizer, train_lib.make_train_step(cfg, optimizer, rl, response_len)
 
 
 def evaluate_only(ec: ExperimentConfig) -> dict[str, Any]:
@@ -383,8 +384,8 @@ def evaluate_only(ec: ExperimentConfig) -> dict[str, Any]:
         # The saved state's tree depends on the saved run's optimizer: rebuild its template.
         saved = config_from_dict(ckpt.restore_meta()["config"])
         upd = saved.rl.ppo_epochs * (saved.rl.prompts_per_batch // saved.rl.mini_batch_prompts)
-        opt = rl_lib.make_optimizer(saved.optim, saved.run.steps * upd)
-        template = rl_lib.init_train_state(params, opt, saved.run.seed, r.mesh,
+        opt = train_lib.make_optimizer(saved.optim, saved.run.steps * upd)
+        template = train_lib.init_train_state(params, opt, saved.run.seed, r.mesh,
                                            dec.param_axes(r.cfg),
                                            with_ref=saved.rl.kl_coef > 0)
         state, _ = ckpt.restore(template)

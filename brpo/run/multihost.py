@@ -14,6 +14,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from brpo.rollout import sampling
 from models import sharding as shd
 
 
@@ -92,3 +93,21 @@ def gather_rows(local: np.ndarray, like: jax.Array) -> np.ndarray:
     return np.asarray(local)
   n = like.shape[0]
   return fetch(put_rows(local, row_sharding(like.sharding.mesh, n, np.ndim(local)), n))
+
+
+def prompt_rows(prompts, group_size: int, pad_id: int, prompt_length: int | None = None,
+                mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+  """N prompts, each repeated G times and left-padded: (tokens, valid) [N * G, P].
+
+  With a `mesh`, the rows are split over its batch axes (`row_sharding`) and every process pads
+  only the rows it holds (the same `prompts` on every process); the results are global arrays.
+  """
+  rows = [list(p) for p in prompts for _ in range(group_size)]
+  if mesh is None:
+    return sampling.pad_prompts(rows, pad_id, prompt_length)
+  # Every process must pad to the same length: it comes from all rows, not this one's share.
+  length = prompt_length or sampling.bucket_length(max(len(p) for p in rows))
+  where = row_sharding(mesh, len(rows), 2)
+  mine = sampling.pad_prompts(rows[process_rows(where, len(rows))], pad_id, length)
+  tokens, valid = (put_rows(x, where, len(rows)) for x in mine)
+  return tokens, valid

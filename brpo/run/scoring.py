@@ -1,0 +1,66 @@
+"""Grading an anytime rollout: the text of every distinct cut, graded by a `brpo.grading`
+Grader, as summary rewards [R, m, A] (SPEC §4). Each process grades the rows it holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from brpo.rollout import anytime as at
+from brpo.run import multihost
+from models.tokenizer import Tokenizer
+
+
+def rollout_texts(ro: at.AnytimeRollout, tokenizer: Tokenizer, toks: at.AnytimeTokens):
+  """Texts to grade for every distinct cut: [(r, j, a, thinking_text, response, eos_ended)].
+
+  thinking_text is the thinking up to the cut plus any inserted text up to `</think>`;
+  response is "\\n\\n**Final Answer**\\n" plus the generated summary (without eos).
+  Only the rows this process holds (multihost.local_rows; all of them with one process); r
+  counts from the first of them.
+  """
+  h = {k: multihost.local_rows(x) for k, x in (
+      ("think", ro.thinking), ("end", ro.thinking_end), ("len", ro.cuts.length),
+      ("canon", ro.cuts.canonical), ("ended", ro.cuts.ended), ("summ", ro.summary),
+      ("slen", ro.summary_len))}
+  r_, m, a_, _ = h["summ"].shape
+  marker = at.ANSWER_MARKER
+  head_running = tokenizer.decode(toks.insert_running[:len(toks.insert_running)
+                                                      - len(toks.insert_ended)])
+  out = []
+  for r in range(r_):
+    eos_ended = bool(h["end"][r] == at.END_EOS)
+    for j in range(m):
+      if h["canon"][r, j] != j:
+        continue
+      think = tokenizer.decode(h["think"][r, :h["len"][r, j]])
+      if not h["ended"][r, j]:
+        think += head_running
+      for a in range(a_):
+        ids = h["summ"][r, j, a, :h["slen"][r, j, a]]
+        if len(ids) and ids[-1] == toks.eos_id:
+          ids = ids[:-1]
+        out.append((r, j, a, think, marker + tokenizer.decode(ids), eos_ended))
+  return out
+
+
+def score_rollout(ro: at.AnytimeRollout, tokenizer: Tokenizer, toks: at.AnytimeTokens,
+                  references: Sequence[Any], grader) -> np.ndarray:
+  """Summary rewards [R, m, A] in {0, 1} (SPEC §4); references: [R], one per row.
+
+  Each distinct cut is graded once; budgets that share a cut get its rewards. Each process
+  grades the rows it holds, and every process gets all the rewards.
+  """
+  texts = rollout_texts(ro, tokenizer, toks)
+  refs = list(references)[multihost.local_slice(ro.summary_len)]
+  scores = grader.score_batch([t[3] for t in texts], [t[4] for t in texts],
+                              [refs[t[0]] for t in texts], [t[5] for t in texts])
+  canon = multihost.local_rows(ro.cuts.canonical)
+  r_, m = canon.shape
+  rewards = np.zeros((r_, m, ro.summary_len.shape[2]), np.float32)
+  for (r, j, a, *_), s in zip(texts, scores):
+    rewards[r, j, a] = s
+  rewards = np.take_along_axis(rewards, canon[:, :, None], axis=1)
+  return multihost.gather_rows(rewards, ro.summary_len)
