@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -25,6 +25,7 @@ from brpo.run import evaluation
 from brpo.run import rl_step as rl_lib
 from brpo.train import step as train_lib
 from brpo.rollout import sampling
+from brpo.grading.rewards import Grader
 from brpo.run.checkpointing import Checkpointer
 from brpo.run.config import ExperimentConfig, OptimConfig, RLConfig
 from models import decoder as dec
@@ -60,8 +61,24 @@ def maybe_initialize_distributed(mode: str) -> None:
              jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] = ()):
-  """(ModelConfig, params, tokenizer) for `ec.model`."""
+def held_out_accuracy_fn(grader) -> Callable:
+  """The warm start's stop check: greedy accuracy at one budget, by the main evaluator."""
+
+  def accuracy(params, cfg, tokenizer, examples, budget: int) -> float:
+    prompts, refs, _ = encode_prompts(examples, tokenizer, "plain", cfg.max_seq_len, "skip",
+                                      "warm start held-out set")
+    result = evaluation.evaluate(
+        params, cfg, tokenizer, at.AnytimeTokens.from_tokenizer(tokenizer), prompts, refs,
+        budgets=[budget], summary_len=16, temperature=0.0, grader=grader,
+        rng=jax.random.PRNGKey(0), batch_prompts=len(prompts), progress=False)
+    return result["final_accuracy"]
+
+  return accuracy
+
+
+def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] = (),
+               grader=None):
+  """(ModelConfig, params, tokenizer) for `ec.model`; `grader` serves a warm start's checks."""
   spec = ec.model
   numerics = dict(dtype=spec.dtype, param_dtype=spec.param_dtype)
   if spec.init == "warmstart":
@@ -83,7 +100,8 @@ def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] =
                        "and --steps=0)")
     cfg, params, tokenizer = warmstart.warm_start(ec.run.warmstart_dir, ws,
                                                   progress=ec.run.progress,
-                                                  eval_examples=eval_examples)
+                                                  eval_examples=eval_examples,
+                                                  held_out_accuracy=held_out_accuracy_fn(grader))
     return cfg.replace(**numerics), params, tokenizer
   if spec.init == "random":
     if spec.model not in CONFIGS:
@@ -213,7 +231,12 @@ class Run:
     eval_examples = data_lib.load_dataset(ec.data.eval)
     if ec.data.eval_size:
       eval_examples = eval_examples[:ec.data.eval_size]
-    self.cfg, params, self.tokenizer = load_model(ec, eval_examples)
+    self.grader = Grader(num_workers=run.grader_workers, timeout_s=run.grader_timeout_s)
+    try:
+      self.cfg, params, self.tokenizer = load_model(ec, eval_examples, self.grader)
+    except BaseException:
+      self.grader.close()
+      raise
     self.params = params
     self.toks = at.AnytimeTokens.from_tokenizer(self.tokenizer)
     ec.check_context(self.cfg.max_seq_len, sampling.bucket_length(ec.model.max_prompt_len),
@@ -225,9 +248,6 @@ class Run:
       log.warning("--eval_data=%s: %d questions longer than --max_prompt_len=%d skipped",
                   ec.data.eval, self.eval_skipped, ec.model.max_prompt_len)
     self.eval_examples = eval_examples
-    from brpo.grading.rewards import Grader
-
-    self.grader = Grader(num_workers=run.grader_workers, timeout_s=run.grader_timeout_s)
 
   def evaluate(self, params, step: int | None = None, limit: int = 0) -> dict[str, Any]:
     """Anytime evaluation on the eval set (its first `limit` questions when limit > 0)."""

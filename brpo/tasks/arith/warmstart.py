@@ -1,18 +1,17 @@
-"""Supervised warm start: teaches a small decoder the synthetic task's thinking traces before RL.
-
-Also measures accuracy at thinking budgets (cut, insert SPEC §4's texts, decode the answer, grade)
+"""Supervised warm start: teaches a small decoder the synthetic task's thinking traces before RL,
 and saves or reuses the result: orbax params, the tokenizer `.model`, a JSON of the settings.
+
+It stops early once a held-out accuracy, measured by a function the caller passes in (the run
+system passes the main anytime evaluator), reaches `stop_accuracy`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import logging
 import os
-import re
 import time
 from typing import Any, Callable, Sequence
 
@@ -24,13 +23,14 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from brpo.tasks.arith import task as arith
-from brpo.tasks.data import DataIterator, Example, dedup_train_eval, load_dataset
+from brpo.tasks.data import DataIterator, Example, dedup_train_eval
 from models import decoder as dec
-from models import masks
 from models import tokenizer as tok_lib
 from models.config import ModelConfig, get_config
 
 Params = dict[str, Any]
+# (params, cfg, tokenizer, examples, budget) -> greedy accuracy with the thinking cut at budget.
+HeldOutAccuracy = Callable[[Params, ModelConfig, tok_lib.Tokenizer, Sequence[Example], int], float]
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "warmstart.json"
@@ -178,177 +178,6 @@ def train(params: Params, cfg: ModelConfig, tokenizer: tok_lib.Tokenizer,
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding and evaluation at budgets (a small self-contained sampler: one jitted scan).
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new", "temperature"))
-def _generate(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array,
-              rng: jax.Array, max_new: int, temperature: float) -> jax.Array:
-  """Continues left-padded prompts by max_new tokens (no early stop; callers cut at stops).
-
-  tokens, valid: [B, P] (valid False on the left padding) -> new tokens [B, max_new].
-  temperature 0 is greedy.
-  """
-  b, p = tokens.shape
-  cache = dec.init_cache(cfg, b, p + max_new)
-  positions = masks.positions_from_valid(valid)
-  logits, cache = dec.prefill(params, cfg, tokens, positions, masks.causal_mask(valid), cache)
-  kv_valid = jnp.concatenate([valid, jnp.zeros((b, max_new), bool)], axis=1)
-
-  def body(carry, i):
-    logits, cache, kv_valid, pos, rng = carry
-    rng, key = jax.random.split(rng)
-    if temperature == 0:
-      tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    else:
-      tok = jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
-    kv_valid = kv_valid.at[:, p + i].set(True)
-    logits, cache = dec.decode_step(params, cfg, tok[:, None], pos[:, None], cache, p + i,
-                                    kv_valid[:, None, :])
-    return (logits[:, 0], cache, kv_valid, pos + 1, rng), tok
-
-  init = (logits, cache, kv_valid, positions[:, -1] + 1, rng)
-  _, new = jax.lax.scan(body, init, jnp.arange(max_new))
-  return new.T
-
-
-def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new: int,
-             temperature: float, rng: jax.Array, stop_ids: Sequence[int], pad_id: int,
-             bucket: int = 16, batch_size: int = 512) -> list[list[int]]:
-  """Samples continuations; each is cut after its first token in `stop_ids` (kept).
-
-  Prompts are left-padded to a multiple of `bucket` so repeated calls reuse compilations.
-  Returns one list of new token ids per prompt.
-  """
-  out: list[list[int]] = []
-  stops = set(int(s) for s in stop_ids)
-  for start in range(0, len(prompts), batch_size):
-    chunk = prompts[start:start + batch_size]
-    rows = -(-len(chunk) // 8) * 8  # Pad the batch too: fewer distinct shapes.
-    width = -(-max(len(p) for p in chunk) // bucket) * bucket
-    tokens = np.full((rows, width), pad_id, np.int32)
-    valid = np.zeros((rows, width), bool)
-    for i, prompt in enumerate(chunk):
-      tokens[i, width - len(prompt):] = prompt
-      valid[i, width - len(prompt):] = True
-    valid[len(chunk):, -1] = True  # Filler rows: one visible token, so nothing is degenerate.
-    rng, key = jax.random.split(rng)
-    new = np.asarray(_generate(params, cfg, jnp.asarray(tokens), jnp.asarray(valid), key,
-                               max_new, float(temperature)))
-    for row in new[:len(chunk)].tolist():
-      cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
-      out.append(row[:cut])
-  return out
-
-
-_BOXED = "\\boxed{"
-
-
-def extract_answer(summary: str) -> str | None:
-  """SPEC §4: first blank-line paragraph starting "**Final Answer**\\n", its last \\boxed{...}."""
-  for para in re.split(r"\n\s*\n", summary):
-    if para.startswith("**Final Answer**\n"):
-      start = para.rfind(_BOXED)
-      if start < 0:
-        return None
-      depth, i = 1, start + len(_BOXED)
-      for j in range(i, len(para)):
-        depth += {"{": 1, "}": -1}.get(para[j], 0)
-        if depth == 0:
-          return para[i:j]
-      return None
-  return None
-
-
-def grade_summary(response: str, answers: Sequence[str]) -> bool:
-  """Whether the response (ANSWER_PREFIX + summary) gives one of the accepted `answers`.
-
-  Uses brpo.rewards.grade when that module is present; otherwise an exact match of the
-  extracted answer, enough for the integer answers of the synthetic task.
-  """
-  try:
-    from brpo.grading import rewards  # Written alongside; optional here.
-  except ImportError:
-    rewards = None
-  if rewards is not None and hasattr(rewards, "grade"):
-    return bool(rewards.grade(response, list(answers)))
-  answer = extract_answer(response)
-  return answer is not None and answer.strip() in [a.strip() for a in answers]
-
-
-@dataclasses.dataclass(frozen=True)
-class BudgetEval:
-  """Accuracy at each budget, plus how the thinkings ended."""
-
-  budgets: tuple[int, ...]
-  accuracy: tuple[float, ...]  # [m], fraction correct at each budget
-  mean_thinking_tokens: float  # |z| including the closing </think> (b_max when never closed)
-  frac_closed: float  # thinkings that closed with </think> within b_max
-  frac_eos: float  # thinkings that ended with end of sequence instead (score 0 everywhere)
-
-  def table(self) -> str:
-    head = "budget   " + " ".join(f"{b:>6d}" for b in self.budgets)
-    row = "accuracy " + " ".join(f"{a:>6.3f}" for a in self.accuracy)
-    return (f"{head}\n{row}\nmean thinking {self.mean_thinking_tokens:.1f} tokens, "
-            f"closed {self.frac_closed:.3f}, ended with eos {self.frac_eos:.3f}")
-
-
-def evaluate_budgets(params: Params, cfg: ModelConfig, tokenizer: tok_lib.Tokenizer,
-                     examples: Sequence[Example], budgets: Sequence[int], temperature: float,
-                     seed: int = 0, summary_tokens: int = 16) -> BudgetEval:
-  """Accuracy when the thinking is cut at each budget and the answer forced (SPEC §4, §9).
-
-  One thinking per question, up to max(budgets) tokens. For a budget b: a thinking closed by
-  `</think>` within b is followed by ANSWER_PREFIX; otherwise its first b tokens are followed by
-  CUT_TEXT + ANSWER_PREFIX. One summary is sampled per distinct context (so budgets past the
-  end of a thinking share it). A summary scores only if it answers correctly and the text after
-  the prompt holds exactly one `</think>`; a thinking that ended with end of sequence scores 0.
-  """
-  budgets = tuple(sorted(int(b) for b in budgets))
-  if len(tokenizer.think_end_ids) != 1:
-    raise ValueError("evaluate_budgets needs a tokenizer with a single </think> id")
-  think_end, eos = tokenizer.think_end_ids[0], tokenizer.eos_id
-  rng = jax.random.PRNGKey(seed)
-  rng_think, rng_sum = jax.random.split(rng)
-  prompts = [tokenizer.encode(tok_lib.plain_template(e.question)) for e in examples]
-  thinkings = generate(params, cfg, prompts, budgets[-1], temperature, rng_think,
-                       (think_end, eos), tokenizer.pad_id)
-  cut_ids = tokenizer.encode(arith.CUT_TEXT)
-  answer_ids = tokenizer.encode(arith.ANSWER_PREFIX)
-
-  contexts: dict[tuple[int, ...], int] = {}  # distinct context -> its index
-  owner: list[int] = []  # context index -> the question it belongs to
-  which = np.full((len(examples), len(budgets)), -1)  # -1: scores 0 without a summary
-  for i, (prompt, z) in enumerate(zip(prompts, thinkings)):
-    if z and z[-1] == eos:
-      continue
-    for j, b in enumerate(budgets):
-      if z and z[-1] == think_end and len(z) <= b:
-        ctx = tuple(prompt + z + answer_ids)
-      else:
-        ctx = tuple(prompt + z[:b] + cut_ids + answer_ids)
-      if ctx not in contexts:
-        contexts[ctx] = len(contexts)
-        owner.append(i)
-      which[i, j] = contexts[ctx]
-  summaries = generate(params, cfg, [list(c) for c in contexts], summary_tokens, temperature,
-                       rng_sum, (eos,), tokenizer.pad_id)
-  context_correct = []
-  for ctx, summary, i in zip(contexts, summaries, owner):
-    # The gate counts `</think>` in thinking + inserted text + summary, i.e. after the prompt.
-    one_think_end = (list(ctx[len(prompts[i]):]) + summary).count(think_end) == 1
-    response = tokenizer.decode(list(ctx[len(ctx) - len(answer_ids):])
-                                + [t for t in summary if t != eos])
-    context_correct.append(one_think_end and grade_summary(response, examples[i].answers))
-  correct = np.array([[w >= 0 and context_correct[w] for w in row] for row in which])
-  closed = np.array([bool(z) and z[-1] == think_end for z in thinkings])
-  ended_eos = np.array([bool(z) and z[-1] == eos for z in thinkings])
-  return BudgetEval(budgets=budgets, accuracy=tuple(float(a) for a in correct.mean(axis=0)),
-                    mean_thinking_tokens=float(np.mean([len(z) for z in thinkings])),
-                    frac_closed=float(closed.mean()), frac_eos=float(ended_eos.mean()))
-
-
-# ---------------------------------------------------------------------------------------------
 # Saving, restoring, and the warm start itself.
 
 
@@ -406,14 +235,19 @@ def load(directory: str) -> tuple[ModelConfig, Params, tok_lib.SentencePieceToke
 
 def warm_start(directory: str, ws: WarmStartConfig = WarmStartConfig(),
                model_overrides: dict[str, Any] | None = None, progress: bool = True,
-               eval_examples: Sequence[Example] = ()) -> tuple[
+               eval_examples: Sequence[Example] = (),
+               held_out_accuracy: HeldOutAccuracy | None = None) -> tuple[
                    ModelConfig, Params, tok_lib.SentencePieceTokenizer]:
   """The warm-started model for `ws`: reused from `directory` when saved there, else trained.
 
   A directory holding a warm start with other settings is an error (the message lists them).
-  Training drops from the training questions any that are in `eval_examples`.
+  Training drops from the training questions any that are in `eval_examples`. With
+  `ws.stop_accuracy > 0`, `held_out_accuracy(params, cfg, tokenizer, examples, budget)` (greedy
+  accuracy with the thinking cut at `budget`) decides when to stop.
   Returns (cfg with the tokenizer's vocab_size, params, tokenizer).
   """
+  if ws.stop_accuracy > 0 and held_out_accuracy is None:
+    raise ValueError("a warm start with stop_accuracy > 0 needs a held_out_accuracy function")
   directory = os.path.abspath(directory)
   tok_path = os.path.join(directory, TOKENIZER_FILE)
   settings_path = os.path.join(directory, SETTINGS_FILE)
@@ -451,7 +285,7 @@ def warm_start(directory: str, ws: WarmStartConfig = WarmStartConfig(),
     def callback(step: int, params: Params) -> bool:
       if step < ws.check_from or (step - ws.check_from) % ws.check_every:
         return False
-      acc = evaluate_budgets(params, cfg, tokenizer, held_out, [ws.check_budget], 0.0).accuracy[0]
+      acc = float(held_out_accuracy(params, cfg, tokenizer, held_out, ws.check_budget))
       checks.append((step, acc))
       log.info("warm start step %d: held-out greedy accuracy at %d tokens %.3f", step,
                ws.check_budget, acc)
@@ -467,58 +301,3 @@ def warm_start(directory: str, ws: WarmStartConfig = WarmStartConfig(),
   log.info("warm start: %d steps in %.1f s, saved to %s", history[-1][0] if history else 0,
            elapsed, directory)
   return cfg, params, tokenizer
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: train (or reuse) and report accuracy per budget.
-
-
-def _parse_overrides(text: str) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for item in filter(None, text.split(",")):
-    key, _, value = item.partition("=")
-    out[key] = json.loads(value) if value not in ("", None) else value
-  return out
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--dir", required=True, help="where the warm start is saved or reused")
-  parser.add_argument("--steps", type=int, default=WarmStartConfig.steps)
-  parser.add_argument("--batch_size", type=int, default=WarmStartConfig.batch_size)
-  parser.add_argument("--learning_rate", type=float, default=WarmStartConfig.learning_rate)
-  parser.add_argument("--warmup_steps", type=int, default=WarmStartConfig.warmup_steps)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--stop_accuracy", type=float, default=WarmStartConfig.stop_accuracy,
-                      help="stop once held-out greedy accuracy reaches this (0: never)")
-  parser.add_argument("--task", default="", help="e.g. terms=3-6,digits=2,p_check=0.5")
-  parser.add_argument("--model_overrides", default="", help="e.g. d_model=128,n_layers=2")
-  parser.add_argument("--eval", default=None,
-                      help="eval data spec (default arith:test:n=256 with --task's settings)")
-  parser.add_argument("--budgets", default="16,32,48,64,96,128")
-  parser.add_argument("--temperatures", default="0,0.6")
-  args = parser.parse_args(argv)
-  # force: an imported library may have configured the root logger already. Only this module's
-  # messages at INFO: orbax is chatty there.
-  logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
-  log.setLevel(logging.INFO)
-
-  _, _, _, task = arith.parse_spec("arith:train:" + args.task)
-  ws = WarmStartConfig(task=task, steps=args.steps, batch_size=args.batch_size,
-                       learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
-                       seed=args.seed, stop_accuracy=args.stop_accuracy)
-  evals = load_dataset(args.eval or f"arith:test:n=256,{args.task}".rstrip(","))
-  start = time.time()
-  cfg, params, tokenizer = warm_start(args.dir, ws, _parse_overrides(args.model_overrides),
-                                      eval_examples=evals)
-  print(f"warm start: {time.time() - start:.1f} s wall ({cfg.n_params:,} parameters)")
-  budgets = [int(b) for b in args.budgets.split(",")]
-  for temp in (float(t) for t in args.temperatures.split(",")):
-    t0 = time.time()
-    result = evaluate_budgets(params, cfg, tokenizer, evals, budgets, temp, seed=args.seed)
-    print(f"temperature {temp} ({len(evals)} questions, {time.time() - t0:.1f} s)\n"
-          + result.table())
-
-
-if __name__ == "__main__":
-  main()
