@@ -1,5 +1,5 @@
 """Fetches the training and evaluation sets from the Hugging Face hub and writes them in the
-formats `brpo.data` reads (GSM8K JSON lines, the paper's JSON lists), with a MANIFEST.json.
+formats `brpo.tasks.data` reads (GSM8K JSON lines, the paper's JSON lists), with a MANIFEST.json.
 
   pip install -e '.[data]'                  # the `datasets` package
   python experiments/prepare_data.py        # all sets into data/
@@ -59,7 +59,7 @@ Loader = Callable[[str, "str | None", str], Iterable[Mapping[str, Any]]]
 
 
 def _clean_answer(value: Any) -> Any:
-  """A source answer -> a JSON answer brpo.data reads (string, number or list of them), or None
+  """A source answer -> a JSON answer brpo.tasks.data reads (string, number or list of them), or None
   when there is none (null, blank, empty list, NaN, a value of another type)."""
   if value is None or isinstance(value, bool):
     return None

@@ -2,7 +2,7 @@
 
 The hub is faked: an injected loader (or a fake `datasets` / `huggingface_hub` module) serves the
 hand-made source rows of tests/fixtures/hub/rows.json. The written files are read back with the
-project's own loaders (brpo.data).
+project's own loaders (brpo.tasks.data).
 """
 
 import hashlib
@@ -82,7 +82,7 @@ def prepared(tmp_path):
 
 
 def test_every_file_loads_with_the_project_loaders(prepared):
-  from brpo import data  # The project's loaders, unchanged.
+  from brpo.tasks import data  # The project's loaders, unchanged.
 
   data_dir, _, _ = prepared
   for path, (records, _) in EXPECTED.items():
