@@ -3,6 +3,7 @@
 Fixtures under tests/fixtures/rewards/ are hand-written; nothing here reads /work/shared.
 """
 
+import collections
 import fractions
 import json
 import multiprocessing
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from brpo import grading
+from brpo.grading import pool
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "rewards"
 GSM8K = [json.loads(line) for line in (FIXTURES / "gsm8k_style.jsonl").read_text().splitlines()]
@@ -487,6 +489,25 @@ def test_spawn_start_method_works():
   _assert_no_workers_left(pids, before)
   with pytest.raises(ValueError, match="start_method"):
     grading.Grader(start_method="fork")
+
+
+def _divide_setup(numerator: float):
+  return lambda d: numerator / d
+
+
+def test_pool_reports_handler_errors_and_keeps_its_worker():
+  before = _descendants()
+  counts = collections.Counter()
+  p = pool.KillablePool(1, 60.0, _divide_setup, (6,), memory_bytes=None, stats=counts)
+  try:
+    assert p.run([2, 0, 3]) == [("ok", 3.0), ("error", "ZeroDivisionError: division by zero"),
+                                ("ok", 2.0)]
+    assert p.run([]) == []
+    assert counts["workers_started"] == 1 and not counts["crashes"]
+    pids = p.pids()
+  finally:
+    p.close()
+  _assert_no_workers_left(pids, before)
 
 
 def _unimportable_hook(answer: str) -> None:
