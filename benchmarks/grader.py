@@ -1,4 +1,4 @@
-"""Throughput of the reward grader (brpo.rewards.Grader) on GSM8K- and MATH-style summaries.
+"""Throughput of the reward grader (brpo.grading.Grader) on GSM8K- and MATH-style summaries.
 
 Half the answers are correct, half perturbed; the in-process `grade()` loop is the baseline.
 Run: python -m benchmarks.grader [--n 1000] [--quick] [--workers K] [--out grader.json]
@@ -16,7 +16,7 @@ import re
 import time
 from typing import Any
 
-from brpo.grading import rewards
+from brpo import grading
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GSM8K_FILE = DATA / "gsm8k" / "test.jsonl"
@@ -24,7 +24,7 @@ MATH_FILE = DATA / "anytime_eval" / "math.json"
 
 
 def _summary(answer: str) -> str:
-  return rewards.SUMMARY_PREFIX + "\\boxed{" + answer + "}"
+  return grading.SUMMARY_PREFIX + "\\boxed{" + answer + "}"
 
 
 def _gsm8k_references(n: int, rng: random.Random) -> tuple[list[str], str]:
@@ -49,8 +49,8 @@ def _gsm8k_perturb(gold: str, i: int) -> str:
   if kind == 1:
     return _summary(str(float(value + fractions.Fraction(1, 2))))
   if kind == 2:
-    return rewards.SUMMARY_PREFIX + "The answer is " + gold + "."
-  return rewards.SUMMARY_PREFIX + "The answer is " + gold + ".\n\n\\boxed{" + gold + "}"
+    return grading.SUMMARY_PREFIX + "The answer is " + gold + "."
+  return grading.SUMMARY_PREFIX + "The answer is " + gold + ".\n\n\\boxed{" + gold + "}"
 
 
 def _math_references(n: int, rng: random.Random) -> tuple[list[Any], str]:
@@ -93,7 +93,7 @@ def _workload(kind: str, n: int, rng: random.Random) -> tuple[list[str], list[An
     responses += [_gsm8k_perturb(g, i) for i, g in enumerate(golds[half:])]
   else:
     references, source = _math_references(n, rng)
-    golds = [rewards.reference_answer(r) for r in references]
+    golds = [grading.reference_answer(r) for r in references]
     responses = [_summary(g) for g in golds[:half]] + [_summary(_math_perturb(g))
                                                        for g in golds[half:]]
   expected = [1.0] * half + [0.0] * (n - half)
@@ -101,7 +101,7 @@ def _workload(kind: str, n: int, rng: random.Random) -> tuple[list[str], list[An
 
 
 def _time_pool(responses, references, num_workers, batch_size) -> dict[str, float]:
-  with rewards.Grader(num_workers=num_workers) as grader:
+  with grading.Grader(num_workers=num_workers) as grader:
     started = time.perf_counter()
     grader.start()
     # The pool is started and warm before timing; the first start also brings up the fork server.
@@ -122,7 +122,7 @@ def _time_pool(responses, references, num_workers, batch_size) -> dict[str, floa
 
 def _time_in_process(responses, references) -> tuple[float, list[float]]:
   started = time.perf_counter()
-  scores = [rewards.grade(r, ref) for r, ref in zip(responses, references)]
+  scores = [grading.grade(r, ref) for r, ref in zip(responses, references)]
   return time.perf_counter() - started, scores
 
 
@@ -134,7 +134,7 @@ def measure_grader(n: int = 1000, num_workers: int | None = None, batch_size: in
     n: responses per set (half correct, half perturbed).
     num_workers: Grader workers (default: the Grader's own default).
     batch_size: responses per grade_batch call (an RL step grades thousands at once).
-    baseline: also time the sequential in-process `rewards.grade` loop on the same responses.
+    baseline: also time the sequential in-process `grading.grade` loop on the same responses.
     seed: for the generated sets used when /work/shared/data is absent.
     verbose: print the table.
 
@@ -189,7 +189,7 @@ def _print_table(result: dict[str, Any], rows) -> None:
           f"{pool_rate if pool_rate is not None else float('nan'):7.1f} "
           f"{d['correct_half_accuracy']:5.2f} {d['perturbed_half_accuracy']:5.2f} "
           f"{d['timeouts']:4d} {d['startup_s']:7.2f}  {d['source']}")
-  print("answers/s: Grader.grade_batch; loop/s: sequential in-process rewards.grade (baseline); "
+  print("answers/s: Grader.grade_batch; loop/s: sequential in-process grading.grade (baseline); "
         "in-proc: share decided without workers; pool n, pool/s: distinct answers sent to the "
         "workers and their rate; acc+/acc-: accuracy on the correct/perturbed halves.")
 

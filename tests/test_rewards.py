@@ -1,8 +1,9 @@
-"""Tests of brpo.rewards: answer extraction, exact grading, the format gate and the killable pool.
+"""Tests of brpo.grading: answer extraction, exact grading, the format gate and the killable pool.
 
 Fixtures under tests/fixtures/rewards/ are hand-written; nothing here reads /work/shared.
 """
 
+import collections
 import fractions
 import json
 import multiprocessing
@@ -18,12 +19,13 @@ from hypothesis import strategies as st
 import numpy as np
 import pytest
 
-from brpo.grading import rewards
+from brpo import grading
+from brpo.grading import pool
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "rewards"
 GSM8K = [json.loads(line) for line in (FIXTURES / "gsm8k_style.jsonl").read_text().splitlines()]
 MATH = json.loads((FIXTURES / "math_style.json").read_text())
-PREFIX = rewards.SUMMARY_PREFIX
+PREFIX = grading.SUMMARY_PREFIX
 THINKING = "Let me add the numbers step by step.</think>"
 
 
@@ -46,6 +48,13 @@ def fault_hook(answer: str) -> None:
     # Blocking SIGALRM defeats the worker's soft deadline: only the parent's kill can end this.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
     time.sleep(3600)
+
+
+def hang_hook(answer: str) -> None:
+  """Every answer hangs its worker (SIGALRM blocked) until the parent kills it."""
+  del answer
+  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+  time.sleep(3600)
 
 
 def _descendants() -> set[int]:
@@ -95,7 +104,7 @@ def _assert_no_workers_left(pids: list[int], before: set[int]) -> None:
 
 @pytest.fixture(scope="module")
 def grader():
-  with rewards.Grader(num_workers=2, timeout_s=3.0) as g:
+  with grading.Grader(num_workers=2, timeout_s=3.0) as g:
     yield g
 
 
@@ -118,7 +127,7 @@ def grader():
     (PREFIX + "\\boxed{é∑}", "é∑"),
 ])
 def test_extract_answer(response, expected):
-  assert rewards.extract_answer(response) == expected
+  assert grading.extract_answer(response) == expected
 
 
 @pytest.mark.parametrize("response", [
@@ -132,11 +141,11 @@ def test_extract_answer(response, expected):
     PREFIX + "\\boxed{}",
     PREFIX + "\\boxedx{72}",
     "The answer is \\boxed{72}.\n\n**Final Answer**\nsee above",
-    PREFIX + "\\boxed{" + "1" * (rewards.MAX_ANSWER_CHARS + 1) + "}",
+    PREFIX + "\\boxed{" + "1" * (grading.MAX_ANSWER_CHARS + 1) + "}",
     None,
 ])
 def test_extract_answer_none(response):
-  assert rewards.extract_answer(response) is None
+  assert grading.extract_answer(response) is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,15 +165,15 @@ def test_extract_answer_none(response):
     ("\\boxed{1}+\\boxed{2}", ("\\boxed{1}+\\boxed{2}",)),  # Not one box around everything.
 ])
 def test_reference_answers(reference, expected):
-  assert rewards.reference_answers(reference) == expected
-  assert rewards.reference_answer(reference) == expected[0]
+  assert grading.reference_answers(reference) == expected
+  assert grading.reference_answer(reference) == expected[0]
 
 
 @pytest.mark.parametrize("reference", [None, True, float("nan"), "", "  $ $ ", [], ["", None],
                                        {"a": 1}])
 def test_reference_answers_reject_bad_data(reference):
   with pytest.raises(ValueError):
-    rewards.reference_answers(reference)
+    grading.reference_answers(reference)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -179,13 +188,13 @@ def test_reference_answers_reject_bad_data(reference):
     ("0.333", fractions.Fraction(333, 1000)),
 ])
 def test_exact_number(text, expected):
-  assert rewards.exact_number(text) == expected
+  assert grading.exact_number(text) == expected
 
 
 @pytest.mark.parametrize("text", ["1,2", "12,34", "x", "2^3", "\\sqrt{2}", "1/0", "", "1..",
                                   "10^{100000}", "9" * 300, "3 \\text{ and } 4"])
 def test_exact_number_rejects(text):
-  assert rewards.exact_number(text) is None
+  assert grading.exact_number(text) is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,11 +209,11 @@ def test_gsm8k_fixture_is_the_promised_size():
 def test_gsm8k_gold_grades_correct(row):
   gold = gsm8k_gold(row["answer"])
   value = fractions.Fraction(gold.replace(",", ""))
-  assert rewards.grade(summary(gold), row["answer"]) == 1.0
+  assert grading.grade(summary(gold), row["answer"]) == 1.0
   # Other spellings of the same number.
-  assert rewards.grade(summary(f"{float(value):.2f}"), row["answer"]) == 1.0
-  assert rewards.grade(summary("\\$" + gold), row["answer"]) == 1.0
-  assert rewards.grade(summary(gold + "."), row["answer"]) == 1.0
+  assert grading.grade(summary(f"{float(value):.2f}"), row["answer"]) == 1.0
+  assert grading.grade(summary("\\$" + gold), row["answer"]) == 1.0
+  assert grading.grade(summary(gold + "."), row["answer"]) == 1.0
 
 
 @pytest.mark.parametrize("row", GSM8K, ids=lambda r: gsm8k_gold(r["answer"]))
@@ -225,20 +234,20 @@ def test_gsm8k_perturbed_grades_wrong(row):
       PREFIX + "\\boxed{" + gold,  # Never closed.
   ]
   for response in perturbed:
-    assert rewards.grade(response, reference) == 0.0, response
+    assert grading.grade(response, reference) == 0.0, response
 
 
 def test_no_relative_tolerance():
-  assert rewards.grade(summary("0.333"), "\\frac{1}{3}") == 0.0
-  assert rewards.grade(summary("0.333333"), "\\frac{1}{3}") == 0.0
-  assert rewards.grade(summary("1000001"), "1000000") == 0.0
-  assert rewards.grade(summary("1.414214"), "\\sqrt{2}") == 0.0
-  assert rewards.grade(summary("0.5"), "\\frac{1}{2}") == 1.0
+  assert grading.grade(summary("0.333"), "\\frac{1}{3}") == 0.0
+  assert grading.grade(summary("0.333333"), "\\frac{1}{3}") == 0.0
+  assert grading.grade(summary("1000001"), "1000000") == 0.0
+  assert grading.grade(summary("1.414214"), "\\sqrt{2}") == 0.0
+  assert grading.grade(summary("0.5"), "\\frac{1}{2}") == 1.0
 
 
 def test_list_reference_accepts_any():
-  assert rewards.grade(summary("0.02"), ["0.01\n", "0.02\n"]) == 1.0
-  assert rewards.grade(summary("0.03"), ["0.01\n", "0.02\n"]) == 0.0
+  assert grading.grade(summary("0.02"), ["0.01\n", "0.02\n"]) == 1.0
+  assert grading.grade(summary("0.03"), ["0.01\n", "0.02\n"]) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +261,7 @@ MATH_CASES = [(row["answer"], answer, 1.0) for row in MATH for answer in row["eq
 @pytest.mark.parametrize("reference, answer, expected", MATH_CASES,
                          ids=[f"{r}|{a}" for r, a, _ in MATH_CASES])
 def test_math_style_in_process(reference, answer, expected):
-  assert rewards.grade(summary(answer), reference) == expected
+  assert grading.grade(summary(answer), reference) == expected
 
 
 def test_math_style_through_pool_agrees(grader):
@@ -290,7 +299,7 @@ PATHOLOGICAL = [
 
 
 def test_pathological_inputs_score_zero_through_pool():
-  with rewards.Grader(num_workers=2, timeout_s=1.0) as g:
+  with grading.Grader(num_workers=2, timeout_s=1.0) as g:
     scores = g.grade_batch(PATHOLOGICAL + [summary("9")], ["9"] * (len(PATHOLOGICAL) + 1))
     expected = np.zeros(len(PATHOLOGICAL) + 1, np.float32)
     expected[PATHOLOGICAL.index(PREFIX + "\\boxed{9}" * 50000)] = 1.0
@@ -311,7 +320,7 @@ def test_pathological_inputs_in_process_never_raise():
   # Only inputs whose slow work is Python-level: the soft deadline ends it.
   for response in [summary("9^{9^{9^{9}}}"), summary("\\frac{" * 300), summary("x" * (1 << 20)),
                    "</think>" * 1000, summary("\ud800"), summary("{" * 40 + "}" * 40)]:
-    assert rewards.grade(response, "9", timeout_s=0.5) == 0.0
+    assert grading.grade(response, "9", timeout_s=0.5) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,25 +336,25 @@ def test_pathological_inputs_in_process_never_raise():
     ("</think >", False),
 ])
 def test_format_ok(text, expected):
-  assert rewards.format_ok(text) == expected
+  assert grading.format_ok(text) == expected
 
 
 def test_score_gate_and_eos():
   reference = "#### 72"
-  assert rewards.score(THINKING, summary("72"), reference) == 1.0
-  assert rewards.score(THINKING, summary("71"), reference) == 0.0
+  assert grading.score(THINKING, summary("72"), reference) == 1.0
+  assert grading.score(THINKING, summary("71"), reference) == 0.0
   # Correct answer, but the thinking ended with end-of-sequence: 0 at every budget.
-  assert rewards.score(THINKING, summary("72"), reference, thinking_ended_with_eos=True) == 0.0
+  assert grading.score(THINKING, summary("72"), reference, thinking_ended_with_eos=True) == 0.0
   # No `</think>` at all, or a second one in the summary.
-  assert rewards.score("Let me add.", summary("72"), reference) == 0.0
-  assert rewards.score(THINKING, PREFIX + "</think>\\boxed{72}", reference) == 0.0
-  assert rewards.score(THINKING + "</think>", summary("72"), reference) == 0.0
+  assert grading.score("Let me add.", summary("72"), reference) == 0.0
+  assert grading.score(THINKING, PREFIX + "</think>\\boxed{72}", reference) == 0.0
+  assert grading.score(THINKING + "</think>", summary("72"), reference) == 0.0
   # A tag split across the two parts still counts (the gate reads their concatenation).
-  assert rewards.score("Let me add.</thi", "nk>" + summary("72"), reference) == 1.0
-  assert rewards.score(THINKING + "</thi", "nk>" + summary("72"), reference) == 0.0
+  assert grading.score("Let me add.</thi", "nk>" + summary("72"), reference) == 1.0
+  assert grading.score(THINKING + "</thi", "nk>" + summary("72"), reference) == 0.0
   # A cut thinking: the inserted text carries the one `</think>`.
   cut = "Let me add 48 and 24" + "...\n\n...\n\n</think>"
-  assert rewards.score(cut, summary("72"), reference) == 1.0
+  assert grading.score(cut, summary("72"), reference) == 1.0
 
 
 def test_score_batch_matches_score(grader):
@@ -354,7 +363,7 @@ def test_score_batch_matches_score(grader):
                None]
   references = ["#### 72", "#### 72", "#### 72", "#### 72", "2\\sqrt{2}", "#### 72"]
   eos = [False, True, False, False, False, False]
-  expected = [rewards.score(t, r, ref, e) if r is not None else 0.0
+  expected = [grading.score(t, r, ref, e) if r is not None else 0.0
               for t, r, ref, e in zip(thinkings, responses, references, eos)]
   assert expected == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
   np.testing.assert_array_equal(grader.score_batch(thinkings, responses, references, eos),
@@ -376,7 +385,7 @@ def test_batch_argument_errors(grader):
 
 def test_crashing_and_hanging_workers_score_zero_and_pool_recovers():
   before = _descendants()
-  with rewards.Grader(num_workers=2, timeout_s=1.0, answer_hook=fault_hook) as g:
+  with grading.Grader(num_workers=2, timeout_s=1.0, answer_hook=fault_hook) as g:
     g.start()
     first_pids = g.worker_pids()
     responses = [summary("CRASH"), summary("\\sqrt{8}"), summary("HANG"), summary("SEGFAULT"),
@@ -397,7 +406,7 @@ def test_crashing_and_hanging_workers_score_zero_and_pool_recovers():
 
 def test_close_leaves_no_workers_and_grader_restarts():
   before = _descendants()
-  g = rewards.Grader(num_workers=2)
+  g = grading.Grader(num_workers=2)
   assert g.worker_pids() == []  # Nothing starts before it is needed.
   np.testing.assert_array_equal(g.grade_batch([summary("72")], ["#### 72"]), [1.0])
   assert g.worker_pids() == []  # Exact numbers never need a worker.
@@ -412,12 +421,60 @@ def test_close_leaves_no_workers_and_grader_restarts():
   _assert_no_workers_left(pids, before)
 
 
+# ----------------------------------------------------------------------------------------------
+# Exact-path answers and machine load (issue #16).
+
+# Decided by the exact path: numbers as exact rationals, identical LaTeX, missing answers.
+EXACT_CASES = [
+    (summary("72"), "#### 72", 1.0), (summary("72.00"), "#### 72", 1.0),
+    (summary("\\$1,234"), "#### 1,234", 1.0), (summary("\\frac{6}{4}"), "\\frac{3}{2}", 1.0),
+    (summary("8.7 \\times 10^{8}"), "870000000", 1.0), (summary("x^2+1"), "x^2 + 1", 1.0),
+    (summary("71"), "#### 72", 0.0), (summary("0.333"), "\\frac{1}{3}", 0.0),
+    (PREFIX + "72", "#### 72", 0.0),
+]
+
+
+def test_exact_path_never_depends_on_the_pool_or_its_timeout(caplog):
+  # Every worker hangs on every answer and the hard deadline is 1 us: whatever reaches the pool
+  # times out, deterministically. The exact path must still grade, and be the only thing that does.
+  before = _descendants()
+  responses = [r for r, _, _ in EXACT_CASES]
+  references = [ref for _, ref, _ in EXACT_CASES]
+  expected = [e for _, _, e in EXACT_CASES]
+  with grading.Grader(num_workers=1, timeout_s=1e-6, answer_hook=hang_hook) as g:
+    np.testing.assert_array_equal(g.grade_batch(responses, references), expected)
+    assert g.worker_pids() == [] and g.stats["pool"] == 0  # No worker even started.
+    # Mixed with symbolic answers that saturate the pool: "\\sqrt{8}" is right, but unchecked.
+    symbolic = [summary("\\sqrt{8}"), summary("\\frac{\\pi}{2}")]
+    scores = g.score_batch([THINKING] * (len(symbolic) + len(responses)), symbolic + responses,
+                           ["2\\sqrt{2}", "\\pi/2"] + references)
+    np.testing.assert_array_equal(scores, [0.0, 0.0] + expected)
+    assert g.stats["in_process"] == 2 * len(EXACT_CASES)
+    assert g.stats["pool"] == 2 and g.stats["timeouts"] == 2
+    pids = g.worker_pids()
+  assert "2 of 2 symbolic answers scored 0 unchecked" in caplog.text
+  _assert_no_workers_left(pids, before)
+  # The in-process functions take no deadline on the exact path either.
+  for (response, reference, e) in EXACT_CASES:
+    assert grading.grade(response, reference, timeout_s=1e-6) == e
+    assert grading.score(THINKING, response, reference, timeout_s=1e-6) == e
+
+
+def test_import_paths_are_one_api():
+  import brpo.grading.rewards
+  import brpo.rewards
+  for module in (brpo.rewards, brpo.grading.rewards):
+    for name in grading.__all__:
+      assert getattr(module, name) is getattr(grading, name)
+  assert brpo.rewards.grade(summary("72"), "#### 72") == 1.0
+
+
 def test_module_level_batch_functions_clean_up():
   before = _descendants()
-  scores = rewards.grade_batch([summary("\\frac{2}{4}"), summary("72"), None],
+  scores = grading.grade_batch([summary("\\frac{2}{4}"), summary("72"), None],
                                ["\\frac12", "#### 72", "1"], num_workers=1)
   np.testing.assert_array_equal(scores, [1, 1, 0])
-  scores = rewards.score_batch([THINKING] * 2, [summary("\\sqrt{4}")] * 2, ["2", "2"],
+  scores = grading.score_batch([THINKING] * 2, [summary("\\sqrt{4}")] * 2, ["2", "2"],
                                [False, True], num_workers=1)
   np.testing.assert_array_equal(scores, [1, 0])
   assert _descendants() - before == set()
@@ -425,13 +482,32 @@ def test_module_level_batch_functions_clean_up():
 
 def test_spawn_start_method_works():
   before = _descendants()
-  with rewards.Grader(num_workers=1, start_method="spawn") as g:
+  with grading.Grader(num_workers=1, start_method="spawn") as g:
     np.testing.assert_array_equal(
         g.grade_batch([summary("\\sqrt{8}"), summary("\\sqrt{7}")], ["2\\sqrt{2}"] * 2), [1, 0])
     pids = g.worker_pids()
   _assert_no_workers_left(pids, before)
   with pytest.raises(ValueError, match="start_method"):
-    rewards.Grader(start_method="fork")
+    grading.Grader(start_method="fork")
+
+
+def _divide_setup(numerator: float):
+  return lambda d: numerator / d
+
+
+def test_pool_reports_handler_errors_and_keeps_its_worker():
+  before = _descendants()
+  counts = collections.Counter()
+  p = pool.KillablePool(1, 60.0, _divide_setup, (6,), memory_bytes=None, stats=counts)
+  try:
+    assert p.run([2, 0, 3]) == [("ok", 3.0), ("error", "ZeroDivisionError: division by zero"),
+                                ("ok", 2.0)]
+    assert p.run([]) == []
+    assert counts["workers_started"] == 1 and not counts["crashes"]
+    pids = p.pids()
+  finally:
+    p.close()
+  _assert_no_workers_left(pids, before)
 
 
 def _unimportable_hook(answer: str) -> None:
@@ -447,7 +523,7 @@ def test_workers_that_cannot_start_raise_instead_of_looping():
   sys.modules[ghost.__name__] = ghost
   before = _descendants()
   try:
-    with rewards.Grader(num_workers=2, answer_hook=hook) as g:
+    with grading.Grader(num_workers=2, answer_hook=hook) as g:
       with pytest.raises(RuntimeError, match="died before they were ready"):
         g.grade_batch([summary("\\sqrt{4}")], ["2"])
   finally:
@@ -461,7 +537,7 @@ def test_workers_that_cannot_start_raise_instead_of_looping():
 _TOKENS = [
     "\\boxed{", "\\boxed {", "\\fbox{", "{", "}", "\\{", "\\}", "\\\\", "\\", "$", "\\frac{",
     "^{", "_{", "\\sqrt{", "\\left(", "\\right)", "(", ")", "[", "]", "\\infty", "</think>",
-    "<think>", "\n\n", "\n", " \n \n", rewards.FINAL_ANSWER_MARKER, "9^{9^{9^{9}}}",
+    "<think>", "\n\n", "\n", " \n \n", grading.FINAL_ANSWER_MARKER, "9^{9^{9^{9}}}",
     "10^{10^{10}}", "(10^{100})!", "\\binom{10^{9}}{10^{8}}", "0.333", "\\frac13", "72", "-0",
     "1e999999", "\\text{", "\\begin{pmatrix}", "\\end{pmatrix}", "&", "\\pi", "i", "x", "=",
     "\\in", "\\cup", "\\%", "#### ", "\x00", "\ud800", "\u202e", "é", "∑", "😀",
@@ -504,7 +580,7 @@ _FUZZ_BATCHES = 50
 def test_fuzz_batched_grader_never_raises_hangs_or_leaks():
   before = _descendants()
   graded = []
-  with rewards.Grader(num_workers=2, timeout_s=0.25) as g:
+  with grading.Grader(num_workers=2, timeout_s=0.25) as g:
 
     @hypothesis.settings(max_examples=_FUZZ_BATCHES, deadline=None, database=None,
                          suppress_health_check=list(hypothesis.HealthCheck))
@@ -528,7 +604,7 @@ def test_fuzz_batched_grader_never_raises_hangs_or_leaks():
       for score, thinking, response, ended in zip(scores, thinkings, responses, eos):
         if gated and (ended or (thinking + response).count("</think>") != 1):
           assert score == 0.0
-        if rewards.extract_answer(response) is None:
+        if grading.extract_answer(response) is None:
           assert score == 0.0
       graded.append(len(scores))
 
