@@ -24,7 +24,7 @@ from brpo.tasks import data as data_lib  # noqa: E402
 from brpo.run import rl_step as rl_lib  # noqa: E402
 from brpo.train import step as train_lib  # noqa: E402
 from brpo.run import runner  # noqa: E402
-from brpo.grading.rewards import Grader  # noqa: E402
+from brpo.grading import Grader  # noqa: E402
 from experiments import gsm_math  # noqa: E402
 from models import decoder as dec  # noqa: E402
 

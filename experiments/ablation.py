@@ -154,7 +154,7 @@ def measure_variance(args) -> dict:
   from brpo.run import scoring
   from brpo.run import runner
   from brpo.rollout import sampling
-  from brpo.grading.rewards import Grader
+  from brpo.grading import Grader
   from experiments import gsm_math
 
   ec = gsm_math.config_from_args(_flags("ar_uniform", 0, args))

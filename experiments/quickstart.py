@@ -30,7 +30,7 @@ from brpo.run import evaluation
 from brpo.run import runner
 from brpo.rollout import sampling  # noqa: E402
 from brpo.run import scoring  # noqa: E402
-from brpo.grading.rewards import Grader  # noqa: E402
+from brpo.grading import Grader  # noqa: E402
 from experiments import gsm_math  # noqa: E402
 
 # The embedded default's configuration; QUICKSTART_FLAGS (space separated) overrides flags, e.g.

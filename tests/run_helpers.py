@@ -27,7 +27,7 @@ WALL_CLOCK = ("seconds/", "tokens_per_s", "wall_s")
 
 
 class HashGrader:
-  """brpo.rewards.Grader's interface, rewarding a summary by the parity of its text's CRC-32
+  """brpo.grading.Grader's interface, rewarding a summary by the parity of its text's CRC-32
   (0 for a thinking that ended with end-of-sequence, as SPEC §4 says)."""
 
   def __init__(self, *args, **kwargs):
@@ -163,12 +163,12 @@ def main(argv: Sequence[str]) -> None:
 
   # As tests/conftest.py sets it, so that subprocess runs equal in-process runs bit for bit.
   jax.config.update("jax_default_matmul_precision", "highest")
-  from brpo.grading import rewards
+  from brpo import grading
   from experiments import gsm_math
 
   from absl import app
 
-  rewards.Grader = HashGrader
+  grading.Grader = HashGrader  # the run system opens its grader as brpo.grading.Grader
   # The command line's own path: one-line errors, exit status 1.
   app.run(gsm_math.main, argv=["gsm_math.py", *argv], flags_parser=gsm_math._flags_parser)
 

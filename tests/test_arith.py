@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from brpo.tasks.arith import task as arith
-from brpo.grading import rewards
+from brpo import grading as rewards
 from brpo.tasks.data import Example
 from models import tokenizer as tok_lib
 

@@ -118,3 +118,11 @@ def test_segment_of_tokens_rejects_tokens_past_b_max():
     B.segment_of_tokens((2, 4), 5)
   with pytest.raises(ValueError, match="length"):
     B.segment_of_tokens((2, 4), -1)
+
+
+def test_spec_texts_agree_with_the_tokenizer_names():
+  from brpo.core import texts
+  from models import tokenizer
+
+  assert (texts.THINK_START, texts.THINK_END) == (tokenizer.THINK_START, tokenizer.THINK_END)
+  assert texts.CUT_TEXT + texts.ANSWER_MARKER == "...\n\n...\n\n</think>\n\n**Final Answer**\n"

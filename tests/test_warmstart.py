@@ -138,7 +138,7 @@ def test_warm_start_stops_at_the_target_accuracy(tmp_path):
 def test_held_out_accuracy_is_the_main_evaluator_on_gold_traces(tok, cfg):
   """The run's stop check (brpo.run.runner.held_out_accuracy_fn) grades through the main
   anytime evaluator: a model trained to copy gold traces scores, an untrained one does not."""
-  from brpo.grading.rewards import Grader
+  from brpo.grading import Grader
   from brpo.run import runner
 
   examples = arith.generate(8, 3, TASK)

@@ -37,7 +37,8 @@ def returns_and_baselines(cut_rewards: Array, probs: Array, baseline: str = "brp
 
   With s 1-based:
     R_s  = sum_{j >= s} P_j r_j
-    V2_s = mean over the G thinkings of the group of R_s (the thinking itself included)
+    V2_s = mean over the G thinkings of the group of R_s (the thinking itself included; 0 when
+           G = 1, as in the official code)
     V1_s = [sum_{j < s} lam^(s-j) r_j / sum_{j < s} lam^(s-j)] * sum_{j >= s} P_j,  V1_1 = 0
     brpo: V_s = ((s - 1) / m) V1_s + ((m - s + 1) / m) V2_s
   and "v1only" (V = V1), "v2only" (V = V2), "none" (V = 0).
@@ -71,6 +72,8 @@ def returns_and_baselines(cut_rewards: Array, probs: Array, baseline: str = "brp
     return returns, xp.zeros_like(returns)
 
   v2 = xp.broadcast_to(xp.mean(returns, axis=1, keepdims=True), returns.shape)
+  if r.shape[1] == 1:  # A group of one has no group baseline (as the official code: V2 = 0).
+    v2 = xp.zeros_like(returns)
   if baseline == "v2only":
     return returns, v2
 
@@ -136,19 +139,34 @@ def relative_variance(returns: Array, baselines: Array, valid: Array | None = No
   return var(R - xp.asarray(baselines)) / var(R)
 
 
-def summary_advantages(summary_rewards: Array) -> Array:
-  """Decoupled summary advantage: r - mean over the A summaries of the same cut (SPEC §6).
+def summary_advantages(summary_rewards: Array, canonical: Array | None = None) -> Array:
+  """Decoupled summary advantage (SPEC §6): r minus the mean reward of all summaries of the same
+  cut of the same thinking; with A = 1, minus the mean over the G thinkings at that budget.
 
   Args:
     summary_rewards: [N, G, m, A] reward of each summary.
+    canonical: optional int [N, G, m], the budget whose cut each budget shares (equal values:
+      one cut). Given, the layout is the official one ("resample"): every budget holds its own A
+      summaries, and the baseline pools the A x k summaries of a cut shared by k budgets. None:
+      budgets that share a cut repeat one set of A summaries ("reuse"; train them once,
+      `dedup_mask`), and the baseline is the mean over those A.
 
   Returns:
-    [N, G, m, A]. Where budgets share a cut the rows repeat; train them once (`dedup_mask`).
+    [N, G, m, A].
   """
-  xp = _xp(summary_rewards)
+  xp = _xp(summary_rewards, canonical)
   y = xp.asarray(summary_rewards)
   chex.assert_rank(y, 4)
-  return y - y.mean(-1, keepdims=True)
+  if y.shape[-1] == 1:  # One summary per cut: the official baseline is the group at the budget.
+    return y - y.mean(1, keepdims=True)
+  if canonical is None:
+    return y - y.mean(-1, keepdims=True)
+  c = xp.asarray(canonical)
+  chex.assert_equal_shape([c, y[..., 0]])
+  same = (c[..., :, None] == c[..., None, :]).astype(y.dtype)  # [N, G, m, m]: one cut
+  # Elementwise, not a matmul: no matmul precision setting (bf16 passes on TPU) can round it.
+  pooled = (same * y.sum(-1)[..., None, :]).sum(-1) / (same.sum(-1) * y.shape[-1])
+  return y - pooled[..., None]
 
 
 def grpo_summary_advantages(final_rewards: Array) -> Array:

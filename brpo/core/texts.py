@@ -4,7 +4,10 @@ A running (cut) thinking gets ELLIPSIS_TEXT, the end-of-thinking token, then ANS
 thinking that ended with `</think>` gets ANSWER_MARKER alone.
 """
 
-from models.tokenizer import THINK_END, THINK_START  # noqa: F401  (re-exported: the tokens' names)
+# The tokens' names, as models.tokenizer spells them (tests/test_budgets.py checks they agree;
+# written out so that grading workers need not import the tokenizers).
+THINK_START = "<think>"
+THINK_END = "</think>"
 
 ELLIPSIS_TEXT = "...\n\n...\n\n"  # after a cut, before the end-of-thinking token(s)
 FINAL_ANSWER = "**Final Answer**"

@@ -18,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
-FINAL_ANSWER_MARKER = "**Final Answer**"
-# The text inserted after the thinking (SPEC §4); the response to grade starts with it.
-SUMMARY_PREFIX = "\n\n" + FINAL_ANSWER_MARKER + "\n"
-THINK_END = "</think>"
+from brpo.core import texts
+
+# The SPEC §4 texts, written once in brpo.core.texts.
+FINAL_ANSWER_MARKER = texts.FINAL_ANSWER
+SUMMARY_PREFIX = texts.ANSWER_MARKER
+THINK_END = texts.THINK_END
 
 # No reference in the data is longer than ~200 characters; a longer boxed answer is treated as
 # missing, which bounds the work any one answer can cost (regexes, IPC, the symbolic parser).

@@ -25,6 +25,8 @@ from models.tokenizer import Tokenizer
 
 from brpo.core.texts import ANSWER_MARKER, ELLIPSIS_TEXT  # noqa: F401  (SPEC §4 texts)
 
+SHARED_CUTS = ("resample", "reuse")
+
 # How a thinking ended (`thinking_end`).
 END_BUDGET, END_THINK, END_EOS = -1, 0, 1
 
@@ -64,12 +66,18 @@ class AnytimeTokens:
 @dataclasses.dataclass(frozen=True)
 class AnytimeConfig:
   """What to sample: budgets b_1 < ... < b_m, G thinkings per prompt, A summaries of <= S
-  tokens per distinct cut."""
+  tokens per budget.
+
+  `shared_cuts`: a thinking that ended before b_j gives budgets j..m one shared cut. "resample"
+  (the paper's code, SPEC §4) samples A fresh summaries for every budget; "reuse" samples A once
+  per distinct cut and shows them at every budget that shares it (cheaper; used by evaluation).
+  """
 
   budgets: tuple[int, ...]
   group_size: int = 8
   n_summaries: int = 4
   summary_len: int = 128
+  shared_cuts: str = "resample"
 
   def __post_init__(self):
     b = self.budgets
@@ -77,6 +85,8 @@ class AnytimeConfig:
       raise ValueError(f"budgets {b} must be positive and strictly increasing")
     if self.group_size < 1 or self.n_summaries < 1 or self.summary_len < 1:
       raise ValueError(f"group_size, n_summaries and summary_len must be >= 1: {self}")
+    if self.shared_cuts not in SHARED_CUTS:
+      raise ValueError(f"shared_cuts={self.shared_cuts!r}: must be one of {SHARED_CUTS}")
 
   @property
   def b_max(self) -> int:
@@ -89,6 +99,7 @@ class Cuts:
 
   length: jax.Array  # thinking tokens kept before the inserted text
   ended: jax.Array  # bool: the thinking ended (</think> or eos) at or before the budget
+  eos: jax.Array  # bool: the cut holds the end-of-sequence that ended the thinking (reward 0)
   canonical: jax.Array  # budget index whose summaries serve this budget (shared cuts)
   insert: jax.Array  # [R, m, I] inserted tokens, pad after insert_len
   insert_len: jax.Array
@@ -105,16 +116,22 @@ class AnytimeRollout:
   thinking_len: jax.Array  # [R] tokens, the stop token(s) included
   thinking_end: jax.Array  # [R] END_BUDGET, END_THINK or END_EOS
   cuts: Cuts
-  # Summaries per budget; a budget that shares its cut with an earlier one (cuts.canonical != j)
-  # repeats that budget's summaries, and must not be trained twice.
+  # Summaries per budget. With `reused`, a budget that shares its cut with an earlier one
+  # (cuts.canonical != j) repeats that budget's summaries, which must not be trained twice;
+  # otherwise every budget holds its own A samples.
   summary: jax.Array  # [R, m, A, S] int32 generated summary tokens (pad after the end)
   summary_logp: jax.Array  # [R, m, A, S] float32
   summary_len: jax.Array  # [R, m, A] generated tokens (eos included)
   budgets: jax.Array  # [m]
+  reused: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 def compute_cuts(thinking_len, thinking_end, budgets, toks: AnytimeTokens) -> Cuts:
-  """SPEC §4 cut rule. thinking_len, thinking_end [R]; budgets [m] -> Cuts [R, m]."""
+  """SPEC §4 cut rule. thinking_len, thinking_end [R]; budgets [m] -> Cuts [R, m].
+
+  A thinking that ended with end-of-sequence instead of `</think>` is cut after the eos and gets
+  the running insert ("...</think>" + marker), as in the official code; its cut scores 0.
+  """
   budgets = jnp.asarray(budgets, jnp.int32)
   m = budgets.shape[0]
   ended = (thinking_end >= 0)[:, None] & (thinking_len[:, None] <= budgets[None, :])
@@ -126,9 +143,11 @@ def compute_cuts(thinking_len, thinking_end, budgets, toks: AnytimeTokens) -> Cu
   run[:len(toks.insert_running)] = toks.insert_running
   end = np.full((n_ins,), toks.pad_id, np.int32)
   end[:len(toks.insert_ended)] = toks.insert_ended
-  insert = jnp.where(ended[..., None], jnp.asarray(end), jnp.asarray(run))
-  insert_len = jnp.where(ended, len(toks.insert_ended), len(toks.insert_running))
-  return Cuts(length=length.astype(jnp.int32), ended=ended, canonical=canonical,
+  closed = ended & (thinking_end == END_THINK)[:, None]  # ended with `</think>`
+  insert = jnp.where(closed[..., None], jnp.asarray(end), jnp.asarray(run))
+  insert_len = jnp.where(closed, len(toks.insert_ended), len(toks.insert_running))
+  eos = ended & (thinking_end == END_EOS)[:, None]
+  return Cuts(length=length.astype(jnp.int32), ended=ended, eos=eos, canonical=canonical,
               insert=insert.astype(jnp.int32), insert_len=insert_len.astype(jnp.int32))
 
 
@@ -267,14 +286,14 @@ def rollout_rows(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
                  toks: AnytimeTokens, rng, *, think_strategy=sampling.Temperature(1.0),
                  summary_strategy=sampling.Temperature(1.0),
                  timings: dict[str, float] | None = None) -> AnytimeRollout:
-  """Samples one thinking per row (up to b_m tokens) and A summaries at every distinct cut.
+  """Samples one thinking per row (up to b_m tokens) and A summaries per budget.
 
   prompt, valid: [R, P] left-padded prompt rows (R = N * G: the G rows of a prompt adjacent),
   plain or global (sharded) arrays. The thinking is sampled once; its KV cache is then read in
-  place by all m * A branches of its row. A budget whose cut equals an earlier budget's (the
-  thinking ended before it) gets no branches of its own: `cuts.canonical` points to the budget
-  whose summaries serve it. With `timings`, waits for each phase and records its seconds
-  ("thinking", "summaries").
+  place by all m * A branches of its row. With spec.shared_cuts == "reuse", a budget whose cut
+  equals an earlier budget's (the thinking ended before it) gets no branches of its own:
+  `cuts.canonical` points to the budget whose summaries serve it. With `timings`, waits for each
+  phase and records its seconds ("thinking", "summaries").
   """
   clock = time.perf_counter()
   a, s_len = spec.n_summaries, spec.summary_len
@@ -291,7 +310,9 @@ def rollout_rows(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
   cuts = compute_cuts(out.lengths, thinking_end, spec.budgets, toks)
   r = prompt.shape[0]
   rep = lambda x: jnp.repeat(x, a, axis=1)  # [R, m, ...] -> [R, m * A, ...]
-  active = rep(cuts.canonical == jnp.arange(m)[None, :])
+  reuse = spec.shared_cuts == "reuse"
+  active = rep(cuts.canonical == jnp.arange(m)[None, :] if reuse
+               else jnp.ones(cuts.canonical.shape, bool))
   prompt_len = state.cache.length - spec.b_max
   tokens, logp, gen_len = decode_branches(
       params, cfg, state.cache, state.start, state.n_prompt, rep(cuts.length), rep(cuts.insert),
@@ -305,13 +326,13 @@ def rollout_rows(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
   logp = logp.reshape(*shape, -1)
   summary, summary_logp = _take_summaries(tokens, logp, cuts.insert_len[..., None], s_len)
   gen_len = gen_len.reshape(shape)
-  # Budgets that share a cut show the summaries of the budget that decoded them.
-  canon = cuts.canonical[:, :, None, None]
-  summary = jnp.take_along_axis(summary, canon, axis=1)
-  summary_logp = jnp.take_along_axis(summary_logp, canon, axis=1)
-  gen_len = jnp.take_along_axis(gen_len, cuts.canonical[:, :, None], axis=1)
+  if reuse:  # Budgets that share a cut show the summaries of the budget that decoded them.
+    canon = cuts.canonical[:, :, None, None]
+    summary = jnp.take_along_axis(summary, canon, axis=1)
+    summary_logp = jnp.take_along_axis(summary_logp, canon, axis=1)
+    gen_len = jnp.take_along_axis(gen_len, cuts.canonical[:, :, None], axis=1)
   return AnytimeRollout(
       prompt=jnp.asarray(prompt), prompt_valid=jnp.asarray(valid), thinking=out.tokens,
       thinking_logp=out.logprobs, thinking_len=out.lengths, thinking_end=thinking_end,
       cuts=cuts, summary=summary, summary_logp=summary_logp,
-      summary_len=gen_len, budgets=jnp.asarray(spec.budgets, jnp.int32))
+      summary_len=gen_len, budgets=jnp.asarray(spec.budgets, jnp.int32), reused=reuse)

@@ -13,11 +13,13 @@ from typing import Any
 from brpo.core import advantages as adv_lib
 from brpo.core import budgets as budgets_lib
 from brpo.core import loss as loss_lib
+from brpo.rollout import anytime as at
 from models import config as model_configs
 from models import tokenizer as tok_lib
 
 SUMMARY_ADVANTAGES = ("decoupled", "grpo")
 INITS = ("warmstart", "random", "checkpoint")
+OLD_LOGP = ("recompute", "sampler")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +86,14 @@ class RLConfig:
   entropy_coef: float = 0.0
   temperature: float = 1.0
   top_p: float = 1.0
+  shared_cut_summaries: str = "resample"  # resample (official) | reuse
+  old_logp: str = "recompute"  # recompute (official: trainer forward) | sampler
 
   def __post_init__(self):
     checks = [
+        (self.shared_cut_summaries in at.SHARED_CUTS, "shared_cut_summaries",
+         f"one of {at.SHARED_CUTS}"),
+        (self.old_logp in OLD_LOGP, "old_logp", f"one of {OLD_LOGP}"),
         (self.thinking_baseline in adv_lib.BASELINES, "thinking_baseline",
          f"one of {adv_lib.BASELINES}"),
         (self.summary_advantage in SUMMARY_ADVANTAGES, "summary_advantage",

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 import jax
 
+from brpo import grading
 from brpo.rollout import anytime as at
 from brpo.run import evaluation
 from brpo.run.config import ExperimentConfig
@@ -42,10 +43,14 @@ def maybe_initialize_distributed(mode: str) -> None:
              jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def held_out_accuracy_fn(grader) -> Callable:
-  """The warm start's stop check: greedy accuracy at one budget, by the main evaluator."""
+def held_out_accuracy_fn(grader=None) -> Callable:
+  """The warm start's stop check: greedy accuracy at one budget, by the main evaluator (graded
+  by `grader`, or by a one-worker grader opened for each check)."""
 
   def accuracy(params, cfg, tokenizer, examples, budget: int) -> float:
+    if grader is None:
+      with grading.Grader(num_workers=1) as own:
+        return held_out_accuracy_fn(own)(params, cfg, tokenizer, examples, budget)
     prompts, refs, _ = encode_prompts(examples, tokenizer, "plain", cfg.max_seq_len, "skip",
                                       "warm start held-out set")
     result = evaluation.evaluate(

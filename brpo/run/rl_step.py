@@ -29,29 +29,42 @@ from models.config import ModelConfig
 from models.tokenizer import Tokenizer
 
 
+def anytime_spec(rl: RLConfig) -> at.AnytimeConfig:
+  """What the rollout of a training step samples (budgets, G, A, S, shared cuts)."""
+  return at.AnytimeConfig(budgets=rl.budget_spec.budgets, group_size=rl.group_size,
+                          n_summaries=rl.n_summaries, summary_len=rl.summary_len,
+                          shared_cuts=rl.shared_cut_summaries)
+
+
 # ---------------------------------------------------------------------------------------------
 # Advantages.
 
 
-def compute_advantages(rewards: np.ndarray, rl: RLConfig, canonical: np.ndarray):
+def compute_advantages(rewards: np.ndarray, rl: RLConfig, canonical: np.ndarray,
+                       reused: bool = False):
   """Summary rewards [N, G, m, A] -> (thinking advantages [R, m], summary advantages [R, m, A],
   summaries to train [R, m, A] bool).
 
-  Thinking: SPEC §5 on the cut rewards (mean over A). Summaries: "decoupled" (SPEC §6, every
-  distinct cut) or "grpo" (only the summary at b_m, baseline over the G thinkings).
+  Thinking: SPEC §5 on the cut rewards (each budget's mean over its A summaries). Summaries:
+  "decoupled" (SPEC §6: the baseline pools the summaries of one cut; with A = 1 the G thinkings
+  at the budget) or "grpo" (only the summary at b_m, baseline over the G thinkings).
+  canonical: [R, m] the budget whose cut each budget shares. `reused`: the rollout sampled one
+  set of A summaries per distinct cut (repeated at the budgets that share it; train them once);
+  else every budget has its own (the official layout; all are trained).
   """
   n, g, m, a = rewards.shape
   spec = rl.budget_spec
   cut_rewards = rewards.mean(-1)
   think = adv_lib.thinking_advantages(cut_rewards, np.asarray(spec.probs), rl.thinking_baseline,
                                       rl.lam)
-  distinct = (canonical == np.arange(m)).reshape(n, g, m)
+  canon = canonical.reshape(n, g, m)
+  distinct = (canon == np.arange(m)) if reused else np.ones((n, g, m), bool)
   if rl.summary_advantage == "decoupled":
-    summ = adv_lib.summary_advantages(rewards)
+    summ = adv_lib.summary_advantages(rewards, None if reused else canon)
     train = np.broadcast_to(distinct[..., None], rewards.shape)
   else:
-    # One summary per thinking, the one at b_m: that of its last distinct cut.
-    last = canonical[:, -1].reshape(n, g)
+    # One summary per thinking, the one at b_m (reused: that of its last distinct cut).
+    last = canon[:, :, -1] if reused else np.full((n, g), m - 1)
     summ = np.zeros_like(rewards)
     train = np.zeros(rewards.shape, bool)
     adv = adv_lib.grpo_summary_advantages(rewards[:, :, -1, 0])
@@ -75,16 +88,16 @@ class RLContext:
   tokenizer: Tokenizer
   toks: at.AnytimeTokens
   rl: RLConfig
-  grader: Any  # brpo.rewards.Grader
+  grader: Any  # brpo.grading.Grader
   train_step: Callable
   lr_fn: Callable[[int], float]
   mesh: Any = None
   prompt_length: int | None = None
+  logprob_fn: Callable | None = None  # (params, rows) -> log-probs [B, T]: old_logp=recompute
 
   @property
   def spec(self) -> at.AnytimeConfig:
-    return at.AnytimeConfig(budgets=self.rl.budget_spec.budgets, group_size=self.rl.group_size,
-                            n_summaries=self.rl.n_summaries, summary_len=self.rl.summary_len)
+    return anytime_spec(self.rl)
 
 
 def _put_rows(x, mesh):
@@ -120,12 +133,15 @@ def rl_step(state: TrainState, prompts: Sequence[Sequence[int]], references: Seq
   t2 = time.perf_counter()
   canonical = multihost.fetch(ro.cuts.canonical)
   think_adv, summ_adv, summ_train = compute_advantages(
-      rewards.reshape(n, g, m, -1), rl, canonical)
+      rewards.reshape(n, g, m, -1), rl, canonical, ro.reused)
   # Placed like the rollout's rows (every process holds the same advantages).
   put = (lambda x: _put_rows(x, ctx.mesh)) if ctx.mesh is not None else jnp.asarray
   batch = packing.pack(ro, put(think_adv), put(summ_adv), summary_train=put(summ_train))
-  # Mini-batches of whole groups, in a fresh order each epoch.
   rows_per_mb = rl.mini_batch_prompts * g
+  logp_gap = None
+  if rl.old_logp == "recompute":  # SPEC §7: the trainer's own log-probs before the update.
+    batch, logp_gap = recompute_old_logp(state.params, batch, ctx, rows_per_mb)
+  # Mini-batches of whole groups, in a fresh order each epoch.
   step_metrics: list[dict[str, Any]] = []
   for epoch in range(rl.ppo_epochs):
     perm = multihost.fetch(jax.random.permutation(jax.random.fold_in(key_shuffle, epoch), n))
@@ -138,9 +154,33 @@ def rl_step(state: TrainState, prompts: Sequence[Sequence[int]], references: Seq
   step_metrics = multihost.fetch(step_metrics)
   t3 = time.perf_counter()
   state = state.replace(step=state.step + 1, rng=rng)
-  return state, _metrics(ro, rewards, think_adv, step_metrics, rl, timings,
-                         dict(rollout=t1 - t0, grading=t2 - t1, update=t3 - t2),
-                         ctx.lr_fn(int(multihost.fetch(state.step)) - 1))
+  metrics = _metrics(ro, rewards, think_adv, step_metrics, rl, timings,
+                     dict(rollout=t1 - t0, grading=t2 - t1, update=t3 - t2),
+                     ctx.lr_fn(int(multihost.fetch(state.step)) - 1))
+  if logp_gap is not None:
+    metrics["logp_gap_sampler_trainer"] = logp_gap
+  return state, metrics
+
+
+def recompute_old_logp(params, batch: packing.PackedBatch, ctx: RLContext, rows: int):
+  """PPO's old log-probs from the training forward pass under `params` (the policy that
+  sampled), `rows` at a time, as the official trainer does. Returns (batch with them, mean
+  absolute gap to the sampler's log-probs over the trained tokens): in bfloat16 the decode
+  numerics and the packed forward differ, and with sampler log-probs the ratio absorbs that.
+  """
+  if ctx.logprob_fn is None:
+    raise ValueError("old_logp='recompute' needs RLContext.logprob_fn "
+                     "(brpo.train.step.make_logprob_fn)")
+  n = batch.tokens.shape[0]
+  parts = [ctx.logprob_fn(params, jax.tree.map(
+      lambda x: _put_rows(x[start:start + rows], ctx.mesh), batch)) for start in range(0, n, rows)]
+  new = multihost.fetch(parts)
+  new = np.concatenate(new, axis=0)
+  mask, sampler = multihost.fetch((batch.loss_mask, batch.old_logp))
+  new = np.where(mask, new, 0.0).astype(np.float32)
+  gap = float(np.abs(new - sampler)[mask].mean()) if mask.any() else 0.0
+  put = (lambda x: _put_rows(x, ctx.mesh)) if ctx.mesh is not None else jnp.asarray
+  return batch.replace(old_logp=put(new)), gap
 
 
 def _metrics(ro, rewards, think_adv, step_metrics, rl: RLConfig, timings, phases, lr):
@@ -165,7 +205,8 @@ def _metrics(ro, rewards, think_adv, step_metrics, rl: RLConfig, timings, phases
   out["bad_updates"] = float(sum(1 - m_["finite"] for m_ in step_metrics))
   out.pop("finite", None)
   out["lr"] = float(lr)
-  distinct = h["canon"] == np.arange(h["canon"].shape[1])
+  distinct = ((h["canon"] == np.arange(h["canon"].shape[1])) if ro.reused
+              else np.ones(h["canon"].shape, bool))
   gen = float(h["tl"].sum() + (h["sl"] * distinct[..., None]).sum())
   out["generated_tokens"] = gen
   out["rollout_tokens_per_s"] = gen / max(phases["rollout"], 1e-9)

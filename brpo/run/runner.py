@@ -25,7 +25,7 @@ from brpo.run.metrics import MetricsWriter, run_table
 from brpo.run import rl_step as rl_lib
 from brpo.train import step as train_lib
 from brpo.rollout import sampling
-from brpo.grading.rewards import Grader
+from brpo import grading
 from brpo.run.checkpointing import Checkpointer
 from brpo.run.config import ExperimentConfig, OptimConfig, RLConfig
 from models import decoder as dec
@@ -62,7 +62,7 @@ class Run:
     eval_examples = data_lib.load_dataset(ec.data.eval)
     if ec.data.eval_size:
       eval_examples = eval_examples[:ec.data.eval_size]
-    self.grader = Grader(num_workers=run.grader_workers, timeout_s=run.grader_timeout_s)
+    self.grader = grading.Grader(num_workers=run.grader_workers, timeout_s=run.grader_timeout_s)
     try:
       self.cfg, params, self.tokenizer = load_model(ec, eval_examples, self.grader)
     except BaseException:
@@ -118,13 +118,12 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
   log.info("train: %d questions (%d dropped as in eval, %d too long); eval: %d", len(prompts),
            dropped, skipped, len(r.eval_prompts))
   prompt_length = _prompt_length(prompts)
-  spec = at.AnytimeConfig(budgets=rl.budget_spec.budgets, group_size=rl.group_size,
-                          n_summaries=rl.n_summaries, summary_len=rl.summary_len)
+  spec = rl_lib.anytime_spec(rl)
   n_ins = max(len(r.toks.insert_running), len(r.toks.insert_ended))
   response_len = spec.b_max + len(spec.budgets) * rl.n_summaries * (n_ins + rl.summary_len)
   updates_per_step = rl.ppo_epochs * (rl.prompts_per_batch // rl.mini_batch_prompts)
-  optimizer, train_step = _train_fns(cfg, ec.optim, rl, run.steps * updates_per_step,
-                                     response_len)
+  optimizer, train_step, logprob_fn = _train_fns(cfg, ec.optim, rl,
+                                                 run.steps * updates_per_step, response_len)
   state = train_lib.init_train_state(r.params, optimizer, run.seed, mesh, dec.param_axes(cfg),
                                   with_ref=rl.kl_coef > 0)
   del r.params
@@ -133,7 +132,7 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
   lr_fn = train_lib.lr_schedule(ec.optim, run.steps * updates_per_step)
   ctx = rl_lib.RLContext(cfg=cfg, tokenizer=r.tokenizer, toks=r.toks, rl=rl, grader=r.grader,
                          train_step=train_step, lr_fn=lambda s: lr_fn(s * updates_per_step),
-                         mesh=mesh, prompt_length=prompt_length)
+                         mesh=mesh, prompt_length=prompt_length, logprob_fn=logprob_fn)
   data = data_lib.DataIterator(list(range(len(prompts))), rl.prompts_per_batch, run.seed)
   # Resuming: the state, the data position and the step come from the latest complete
   # checkpoint (orbax renames a step's folder into place only once it is whole); every other
@@ -217,10 +216,12 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
 @functools.lru_cache(maxsize=8)
 def _train_fns(cfg: ModelConfig, optim: OptimConfig, rl: RLConfig, total_updates: int,
                response_len: int):
-  """(optimizer, jitted train step) of a configuration, built once per process: later runs in
-  the same process (an ablation, a test, a resumed run in a notebook) reuse its compilation."""
+  """(optimizer, jitted train step, jitted log-prob function) of a configuration, built once per
+  process: later runs in the same process (an ablation, a test, a resumed run in a notebook)
+  reuse their compilations. `_train_fns.cache_clear()` drops them."""
   optimizer = train_lib.make_optimizer(optim, total_updates)
-  return optimizer, train_lib.make_train_step(cfg, optimizer, rl, response_len)
+  return (optimizer, train_lib.make_train_step(cfg, optimizer, rl, response_len),
+          train_lib.make_logprob_fn(cfg, rl))
 
 
 def evaluate_only(ec: ExperimentConfig) -> dict[str, Any]:

@@ -53,8 +53,9 @@ def pack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) -> P
   Args:
     ro: the rollout (R rows, m budgets, A summaries).
     thinking_adv: [R, m] advantage of each thinking segment (tokens in (b_{s-1}, b_s]).
-    summary_adv: [R, m, A] advantage of each summary. Budgets whose cut repeats an earlier
-      budget's (ro.cuts.canonical != j) are not packed: their summaries are trained once.
+    summary_adv: [R, m, A] advantage of each summary. With summaries reused at shared cuts
+      (ro.reused), budgets whose cut repeats an earlier budget's are not packed: their
+      summaries are trained once.
     summary_train: optional [R, m, A] bool, the summaries to train (e.g. only the one at b_m
       for the GRPO summary baseline); default all distinct cuts.
   Returns:
@@ -85,7 +86,10 @@ def pack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) -> P
   k = jnp.arange(w)
   ins_len = ro.cuts.insert_len[:, :, None, None]
   sum_len = ro.summary_len[..., None]
-  canonical = adv_lib.dedup_mask(ro.cuts.length)[:, :, None, None]  # each distinct cut once
+  if ro.reused:  # Budgets that share a cut repeat its summaries: train each distinct cut once.
+    canonical = adv_lib.dedup_mask(ro.cuts.length)[:, :, None, None]
+  else:  # Every budget holds its own summaries (the official layout): all are trained.
+    canonical = jnp.ones((r, m, 1, 1), bool)
   in_summary = (k >= ins_len) & (k < ins_len + sum_len)
   is_insert = k < ins_len
   live = (is_insert | in_summary) & canonical

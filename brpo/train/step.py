@@ -143,3 +143,16 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, r
                  out_shardings=(state_sharding, metric_sharding))
 
 
+def make_logprob_fn(cfg: ModelConfig, rl: RLConfig) -> Callable:
+  """A jitted `(params, batch) -> log-probs [B, T]` of every slot under `params` at the rollout
+  temperature, `rl.micro_batches` rows-chunks at a time (no gradient: PPO's old log-probs)."""
+
+  def fn(params, batch: packing.PackedBatch):
+    k = rl.micro_batches
+    micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+    _, out = jax.lax.scan(
+        lambda _, mb: (None, packing.token_logprobs(params, cfg, mb, rl.temperature)), None,
+        micro)
+    return out.reshape(batch.tokens.shape)
+
+  return jax.jit(fn)
