@@ -81,11 +81,36 @@ def test_json_lines_with_paper_fields_and_json_extension(tmp_path):
 def test_bad_input_is_one_line_naming_file_and_line(tmp_path, name, text, line, words):
   path = _write(tmp_path, name, text)
   with pytest.raises(ValueError) as err:
-    data.load_dataset(path)
+    data.load_dataset(path, on_bad_record="error")
   message = str(err.value)
   assert message.startswith(f"{path}:{line}: "), message
   assert words in message
   assert "\n" not in message
+
+
+def test_bad_records_are_skipped_with_one_warning_naming_file_and_lines(tmp_path, caplog):
+  text = ('[\n  {"problem": "a", "answer": "1"},\n  {"problem": "b", "answer": ""},\n'
+          '  {"problem": "c", "answer": null},\n  {"problem": "d", "answer": "4"},\n'
+          '  {"problem": "e", "answer": []}\n]\n')
+  path = _write(tmp_path, "math.json", text)
+  with caplog.at_level("WARNING", logger="brpo"):
+    examples = data.load_dataset(path)  # on_bad_record="skip", the default
+  assert [e.question for e in examples] == ["a", "d"]
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert warnings == [f"{path}: skipped 3 record(s) that cannot be graded or read: line "
+                      "3 (field 'answer' is empty), 4 (field 'answer' is null), "
+                      "6 (field 'answer' is an empty list)"]
+  lines = _write(tmp_path, "g.jsonl", '{"question": "q", "answer": "#### 1"}\n{"question": \n'
+                 '{"question": "q3"}\n')
+  assert len(data.load_dataset(lines)) == 1
+  with pytest.raises(ValueError, match=r"g.jsonl:2: malformed JSON"):
+    data.load_dataset(lines, on_bad_record="error")
+  allbad = _write(tmp_path, "allbad.json", '[{"problem": "a", "answer": ""}]')
+  with pytest.raises(ValueError, match=r"allbad.json:1: empty data set \(all 1 records skipped; "
+                     r"the first: field 'answer' is empty\)$"):
+    data.load_dataset(allbad)
+  with pytest.raises(ValueError, match="on_bad_record='drop'"):
+    data.load_dataset(allbad, on_bad_record="drop")
 
 
 def test_missing_file_and_unknown_spec():

@@ -14,6 +14,7 @@ from brpo.core import advantages as adv_lib
 from brpo.core import budgets as budgets_lib
 from brpo.core import loss as loss_lib
 from brpo.rollout import anytime as at
+from brpo.tasks import data as data_lib
 from models import config as model_configs
 from models import tokenizer as tok_lib
 
@@ -57,6 +58,12 @@ class DataConfig:
   train: str = "arith:train"
   eval: str = "arith:test"
   eval_size: int = 128  # questions used for evaluation (0: all)
+  on_bad_record: str = "skip"  # skip (count, warn naming file and lines) | error
+
+  def __post_init__(self):
+    if self.on_bad_record not in data_lib.BAD_RECORD_POLICIES:
+      raise ValueError(f"--on_bad_record={self.on_bad_record!r}: must be one of "
+                       f"{', '.join(data_lib.BAD_RECORD_POLICIES)}")
 
 
 @dataclasses.dataclass(frozen=True)

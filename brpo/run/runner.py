@@ -59,7 +59,7 @@ class Run:
       self.mesh = shd.make_mesh(run.mesh)
     except ValueError as e:
       raise ValueError(f"--mesh={','.join(map(str, run.mesh))}: {e}") from None
-    eval_examples = data_lib.load_dataset(ec.data.eval)
+    eval_examples = data_lib.load_dataset(ec.data.eval, ec.data.on_bad_record)
     if ec.data.eval_size:
       eval_examples = eval_examples[:ec.data.eval_size]
     self.grader = grading.Grader(num_workers=run.grader_workers, timeout_s=run.grader_timeout_s)
@@ -108,7 +108,7 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
   run, rl = ec.run, ec.rl
   # Both before the model is loaded (or a warm start trained): these fail in seconds.
   check_workdir(ec)
-  train_examples = data_lib.load_dataset(ec.data.train)
+  train_examples = data_lib.load_dataset(ec.data.train, ec.data.on_bad_record)
   r = Run(ec)
   cfg, mesh = r.cfg, r.mesh
   train_examples, dropped = data_lib.dedup_train_eval(train_examples, r.eval_examples)

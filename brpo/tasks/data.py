@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+log = logging.getLogger("brpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,31 +87,66 @@ def _example(record: Any, where: str, default_id: str) -> Example | None:
                  alternatives=alternatives)
 
 
-def _read_jsonl(path: str, text: str) -> tuple[list[Example], int]:
-  out, skipped = [], 0
+BAD_RECORD_POLICIES = ("skip", "error")
+
+
+class _BadRecords:
+  """What a file's records that cannot be used came to: (line, reason) of each, in order."""
+
+  def __init__(self, path: str, policy: str):
+    if policy not in BAD_RECORD_POLICIES:
+      raise ValueError(f"on_bad_record={policy!r}: must be one of {BAD_RECORD_POLICIES}")
+    self.path, self.policy, self.items = path, policy, []
+
+  def example(self, record: Any, line: int, default_id: str) -> Example | None:
+    """`_example`, or None for a record skipped (a null answer; any bad record with "skip")."""
+    where = f"{self.path}:{line}"
+    try:
+      ex = _example(record, where, default_id)
+    except ValueError as e:
+      if self.policy == "error":
+        raise
+      self.items.append((line, str(e)[len(where) + 2:]))
+      return None
+    if ex is None:
+      self.items.append((line, "field 'answer' is null"))
+    return ex
+
+  def warn(self) -> None:
+    if self.items:
+      lines = ", ".join(f"{n} ({why})" for n, why in self.items[:5])
+      more = f" and {len(self.items) - 5} more" if len(self.items) > 5 else ""
+      log.warning("%s: skipped %d record(s) that cannot be graded or read: line %s%s",
+                  self.path, len(self.items), lines, more)
+
+
+def _read_jsonl(path: str, text: str, bad: _BadRecords) -> list[Example]:
+  out = []
   stem = os.path.basename(path)
   for n, line in enumerate(text.splitlines(), start=1):
     if not line.strip():
       continue
-    where = f"{path}:{n}"
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-    ex = _example(record, where, f"{stem}:{n}")
-    if ex is None:
-      skipped += 1
-    else:
+      msg = f"malformed JSON ({e.msg} at column {e.colno})"
+      if bad.policy == "error":
+        raise ValueError(f"{path}:{n}: {msg}") from None
+      bad.items.append((n, msg))
+      continue
+    ex = bad.example(record, n, f"{stem}:{n}")
+    if ex is not None:
       out.append(ex)
-  return out, skipped
+  return out
 
 
 def _line_of(text: str, pos: int) -> int:
   return text.count("\n", 0, pos) + 1
 
 
-def _read_json_list(path: str, text: str) -> tuple[list[Example], int]:
-  """A JSON list of records, parsed element by element so that errors can name the line."""
+def _read_json_list(path: str, text: str, bad: _BadRecords) -> list[Example]:
+  """A JSON list of records, parsed element by element so that errors can name the line. A
+  syntax error is always an error: the records after it cannot be found."""
   decoder = json.JSONDecoder()
   ws = re.compile(r"\s*")
   stem = os.path.basename(path)
@@ -117,17 +155,14 @@ def _read_json_list(path: str, text: str) -> tuple[list[Example], int]:
     if text[pos:pos + 1] != "[":
       raise json.JSONDecodeError("expected '['", text, pos)
     pos = ws.match(text, pos + 1).end()
-    out, skipped, index = [], 0, 0
+    out, index = [], 0
     if text[pos:pos + 1] == "]":
       pos += 1
     else:
       while True:
         record, end = decoder.raw_decode(text, pos)
-        where = f"{path}:{_line_of(text, pos)}"
-        ex = _example(record, where, f"{stem}#{index}")
-        if ex is None:
-          skipped += 1
-        else:
+        ex = bad.example(record, _line_of(text, pos), f"{stem}#{index}")
+        if ex is not None:
           out.append(ex)
         index += 1
         pos = ws.match(text, end).end()
@@ -143,16 +178,20 @@ def _read_json_list(path: str, text: str) -> tuple[list[Example], int]:
       raise json.JSONDecodeError("extra data after the list", text, pos)
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-  return out, skipped
+  return out
 
 
-def load_file(path: str) -> list[Example]:
+def load_file(path: str, on_bad_record: str = "skip") -> list[Example]:
   """Reads a data file: JSON lines (GSM8K or paper records) or a JSON list (the paper's sets).
 
   The format comes from the content (a file starting with '[' is a list), so a `.json` file of
-  JSON lines also works. Records whose answer is null are skipped (MATH train has two).
-  Raises ValueError, one line naming the file and line, on any bad input (a missing file too).
+  JSON lines also works. Records whose answer is null are skipped (MATH train has two). Other
+  bad records (an empty answer, a missing field, a malformed JSON line, ...): with
+  on_bad_record="skip" they are skipped and one warning names the file, their count and lines;
+  with "error" the first one raises. Raises ValueError, one line naming the file and line, on a
+  file that cannot be read at all (missing, not UTF-8, broken JSON list, no usable record).
   """
+  bad = _BadRecords(path, on_bad_record)
   if not os.path.isfile(path):
     raise ValueError(f"{path}: data file does not exist")
   with open(path, encoding="utf-8") as f:
@@ -161,16 +200,20 @@ def load_file(path: str) -> list[Example]:
     except UnicodeDecodeError as e:
       raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
   if text.lstrip().startswith("["):
-    examples, skipped = _read_json_list(path, text)
+    examples = _read_json_list(path, text, bad)
   else:
-    examples, skipped = _read_jsonl(path, text)
+    examples = _read_jsonl(path, text, bad)
   if not examples:
-    raise ValueError(f"{path}:1: empty data set (no records"
-                     + (f"; {skipped} without an answer" if skipped else "") + ")")
+    if not bad.items:
+      raise ValueError(f"{path}:1: empty data set (no records)")
+    line, why = bad.items[0]
+    raise ValueError(f"{path}:{line}: empty data set (all {len(bad.items)} records skipped; "
+                     f"the first: {why})")
+  bad.warn()
   return examples
 
 
-def load_dataset(spec: str) -> list[Example]:
+def load_dataset(spec: str, on_bad_record: str = "skip") -> list[Example]:
   """A data set by spec: a file path (see `load_file`) or the synthetic task "arith:<split>...".
 
   Examples: "/data/gsm8k/test.jsonl", "anytime_eval/aime.json", "arith:train",
@@ -185,7 +228,7 @@ def load_dataset(spec: str) -> list[Example]:
     name = spec.split(":")[0]
     raise ValueError(f"unknown data set {name!r} in {spec!r}: expected a file path or "
                      "arith:<split>")
-  return load_file(spec)
+  return load_file(spec, on_bad_record)
 
 
 # ---------------------------------------------------------------------------------------------
