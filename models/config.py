@@ -9,6 +9,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+REMAT_MODES = ("none", "full", "dots")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -29,6 +31,14 @@ class ModelConfig:
   dtype: str = "float32"  # Compute dtype of activations and matmuls.
   param_dtype: str = "float32"  # Storage dtype of the parameters.
   family: str = "llama"  # "llama" or "qwen2": only informational (import picks tensor names).
+  # How the layer stack runs; neither changes a value, only memory and compile time.
+  # remat: "none" keeps every activation for the backward pass; "full" keeps only each layer's
+  # input (jax.checkpoint per layer); "dots" also keeps the projections' outputs (matmuls
+  # without batch dimensions) and recomputes attention scores, norms and activations.
+  remat: str = "none"
+  # scan_layers: params["layers"] is one dict of [L, ...] arrays (models.params.stack_layers)
+  # and the stack is a jax.lax.scan, so compile time does not grow with the depth.
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -37,6 +47,8 @@ class ModelConfig:
     for f in ("dtype", "param_dtype"):
       if getattr(self, f) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"{f}={getattr(self, f)!r}: expected float32, bfloat16 or float16")
+    if self.remat not in REMAT_MODES:
+      raise ValueError(f"remat={self.remat!r}: expected one of {', '.join(REMAT_MODES)}")
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)

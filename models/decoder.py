@@ -2,8 +2,8 @@
 
 The layer stack is written once, in `decoder`, with attention passed in as a function: full
 masked self-attention for training, cache writes for prefill and decode, and the shared-trunk
-branch attention of `brpo.anytime`. Shapes: B batch, T tokens, D d_model, H heads, K kv heads,
-Dh head_dim, F mlp_dim, V vocab, L layers.
+branch attention of `brpo.anytime`. The parameters are described in models.params. Shapes:
+B batch, T tokens, D d_model, H heads, K kv heads, Dh head_dim, F mlp_dim, V vocab, L layers.
 """
 
 from __future__ import annotations
@@ -15,71 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
+# Re-exported: callers reach the parameter table through this module as well.
+from models.params import (Params, init_params, is_stacked, param_axes,  # noqa: F401
+                           param_shapes, stack_layers, unstack_layers)
 
-Params = dict[str, Any]
 NEG_INF = -1e30  # Finite, so a fully masked (padding) row gives a uniform softmax, not NaN.
-
-
-# ---------------------------------------------------------------------------------------------
-# Parameters.
-
-
-def param_axes(cfg: ModelConfig) -> Params:
-  """Logical axis names of every parameter, same tree as `init_params` (see models.sharding)."""
-  layer = {
-      "attn_norm": ("embed",),
-      "wq": ("embed", "heads", "head_dim"),
-      "wk": ("embed", "kv_heads", "head_dim"),
-      "wv": ("embed", "kv_heads", "head_dim"),
-      "wo": ("heads", "head_dim", "embed"),
-      "mlp_norm": ("embed",),
-      "w_gate": ("embed", "mlp"),
-      "w_up": ("embed", "mlp"),
-      "w_down": ("mlp", "embed"),
-  }
-  if cfg.qkv_bias:
-    layer.update(bq=("heads", "head_dim"), bk=("kv_heads", "head_dim"),
-                 bv=("kv_heads", "head_dim"))
-  axes = {"embed": ("vocab", "embed"), "layers": [dict(layer) for _ in range(cfg.n_layers)],
-          "final_norm": ("embed",)}
-  if not cfg.tie_embeddings:
-    axes["lm_head"] = ("embed", "vocab")
-  return axes
-
-
-def param_shapes(cfg: ModelConfig) -> Params:
-  """Shape of every parameter, same tree as `init_params`."""
-  d, h, k, dh, f, v = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim,
-                       cfg.vocab_size)
-  layer = {"attn_norm": (d,), "wq": (d, h, dh), "wk": (d, k, dh), "wv": (d, k, dh),
-           "wo": (h, dh, d), "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f),
-           "w_down": (f, d)}
-  if cfg.qkv_bias:
-    layer.update(bq=(h, dh), bk=(k, dh), bv=(k, dh))
-  shapes = {"embed": (v, d), "layers": [dict(layer) for _ in range(cfg.n_layers)],
-            "final_norm": (d,)}
-  if not cfg.tie_embeddings:
-    shapes["lm_head"] = (d, v)
-  return shapes
-
-
-def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
-  """Random parameters: N(0, 0.02) matrices, unit norms, zero biases, in cfg.param_dtype."""
-  shapes = param_shapes(cfg)
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-      shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
-  keys = jax.random.split(rng, len(leaves))
-  dtype = jnp.dtype(cfg.param_dtype)
-  out = []
-  for key, path, shape in zip(keys, paths, leaves):
-    if "norm" in path:
-      out.append(jnp.ones(shape, dtype))
-    elif "'b" in path:  # bq, bk, bv
-      out.append(jnp.zeros(shape, dtype))
-    else:
-      out.append((0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
-  return jax.tree.unflatten(treedef, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,31 +68,67 @@ def attention(q, k, v, mask):
 Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
+# What remat="dots" keeps: outputs of matmuls without batch dimensions, i.e. the q/k/v/o and MLP
+# projections; the attention einsums (batched over B and K) are recomputed in the backward pass.
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _layer(lp: Params, cfg: ModelConfig, x, positions, attend: Attend, state):
+  """One pre-norm block. x [B, T, D], positions [B, T] -> (x [B, T, D], new state)."""
+  dt = cfg.compute_dtype
+  h = rms_norm(x, lp["attn_norm"], cfg.rms_eps)
+  q = jnp.einsum("btd,dhk->bthk", h, lp["wq"].astype(dt))
+  k = jnp.einsum("btd,dhk->bthk", h, lp["wk"].astype(dt))
+  v = jnp.einsum("btd,dhk->bthk", h, lp["wv"].astype(dt))
+  if cfg.qkv_bias:
+    q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
+  q = rope(q, positions, cfg.rope_theta)
+  k = rope(k, positions, cfg.rope_theta)
+  o, state = attend(q, k, v, state)
+  x = x + jnp.einsum("bthk,hkd->btd", o, lp["wo"].astype(dt))
+  h = rms_norm(x, lp["mlp_norm"], cfg.rms_eps)
+  g = jnp.einsum("btd,df->btf", h, lp["w_gate"].astype(dt))
+  u = jnp.einsum("btd,df->btf", h, lp["w_up"].astype(dt))
+  x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, lp["w_down"].astype(dt))
+  return x, state
+
+
+def _stack(trees: Sequence[Any]):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 def decoder(params: Params, cfg: ModelConfig, tokens, positions, attend: Attend,
-            states: Sequence[Any]):
+            states: Sequence[Any] | Any, stacked_states: bool = False):
   """The layer stack. tokens, positions: [B, T] -> (final-normed hidden [B, T, D], new states).
 
-  `states[i]` is whatever `attend` keeps for layer i (None, or a KV cache slice).
+  `states[i]` is whatever `attend` keeps for layer i (None, or a KV cache slice). With
+  cfg.scan_layers the layers run under `jax.lax.scan`: per-layer states are then stacked on a
+  leading [L] axis on the way in and split again on the way out (a copy: a decode loop should
+  pass `stacked_states=True`, giving and getting one pytree of [L, ...] arrays). cfg.remat wraps
+  each layer in `jax.checkpoint`; neither option changes a value.
   """
-  dt = cfg.compute_dtype
-  x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
-  new_states = []
-  for lp, state in zip(params["layers"], states):
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_eps)
-    q = jnp.einsum("btd,dhk->bthk", h, lp["wq"].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", h, lp["wk"].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", h, lp["wv"].astype(dt))
-    if cfg.qkv_bias:
-      q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
-    o, state = attend(q, k, v, state)
-    x = x + jnp.einsum("bthk,hkd->btd", o, lp["wo"].astype(dt))
-    h = rms_norm(x, lp["mlp_norm"], cfg.rms_eps)
-    g = jnp.einsum("btd,df->btf", h, lp["w_gate"].astype(dt))
-    u = jnp.einsum("btd,df->btf", h, lp["w_up"].astype(dt))
-    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, lp["w_down"].astype(dt))
-    new_states.append(state)
+  if is_stacked(params) != cfg.scan_layers:
+    raise ValueError(
+        f"cfg.scan_layers={cfg.scan_layers} but params['layers'] is "
+        f"{'stacked' if is_stacked(params) else 'a list of layers'}: convert the parameters "
+        "with models.params.stack_layers / unstack_layers")
+  x = jnp.take(params["embed"], tokens, axis=0).astype(cfg.compute_dtype)
+  layer = lambda lp, x, state: _layer(lp, cfg, x, positions, attend, state)
+  if cfg.remat != "none":
+    # prevent_cse only matters outside a scan (where XLA could merge the recomputation with
+    # the forward pass); inside one it would only cost speed.
+    layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat],
+                           prevent_cse=not cfg.scan_layers)
+  if not cfg.scan_layers:
+    new_states = []
+    for lp, state in zip(params["layers"], states):
+      x, state = layer(lp, x, state)
+      new_states.append(state)
+  else:
+    xs = (params["layers"], states if stacked_states else _stack(list(states)))
+    x, new = jax.lax.scan(lambda x, a: layer(a[0], x, a[1]), x, xs)
+    new_states = new if stacked_states else [
+        jax.tree.map(lambda a, i=i: a[i], new) for i in range(cfg.n_layers)]
   return rms_norm(x, params["final_norm"], cfg.rms_eps), new_states
 
 

@@ -1,6 +1,6 @@
 """Device mesh (axes data, fsdp, tensor) and the logical-axis rules that place parameters on it.
 
-Parameters carry logical names (models.decoder.param_axes); `RULES` maps each name to mesh axes.
+Parameters carry logical names (models.params.param_info); `RULES` maps each name to mesh axes.
 A dimension that a mesh axis does not divide evenly is replicated instead (e.g. SmolLM2's 3 kv
 heads on tensor=2), so every named config runs on every mesh.
 """
@@ -26,6 +26,7 @@ RULES: Mapping[str, Any] = {
     "mlp": "tensor",
     "head_dim": None,
     "length": None,
+    "layers": None,  # The stacked-layers axis of scanned parameters: every device holds all.
 }
 
 

@@ -1,6 +1,6 @@
-"""Checkpoint import against transformers: tiny random Qwen2/Llama folders, the SmolLM2 GGUF.
-
-Also the errors a damaged checkpoint raises: each must name the file and the tensor.
+"""Checkpoint import against transformers: tiny random Qwen2/Llama folders, the SmolLM2 GGUF;
+loading onto a mesh of 8 fake devices, stacked or not. Also the errors a damaged checkpoint
+raises: each must name the file and the tensor.
 """
 
 from __future__ import annotations
@@ -156,6 +156,56 @@ def test_tied_checkpoint_with_equal_lm_head_is_accepted(tmp_path):
   safetensors.numpy.save_file(tensors, path)
   cfg, params = checkpoint.load_hf(folder)
   assert cfg.tie_embeddings and "lm_head" not in params
+
+
+@pytest.mark.parametrize("shape,scan", [((1, 2, 4), False), ((2, 2, 2), True)])
+def test_load_hf_into_a_mesh(shape, scan, tmp_path, monkeypatch):
+  # Each parameter is made in its sharding from blocks of the file: compare the placement with
+  # models.params.param_shardings and the values with the plain load.
+  from models import hf, params as params_lib, sharding
+
+  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+  folder = _save(_tiny_model("qwen2_untied"), tmp_path, max_shard_size="40KB")
+  cfg, plain = checkpoint.load_hf(folder)
+  reads = []
+  read = hf._SafetensorsFile.read
+  monkeypatch.setattr(hf._SafetensorsFile, "read",
+                      lambda self, name, index=None: reads.append((name, index)) or read(
+                          self, name, index))
+  mesh = sharding.make_mesh(shape)
+  scfg, sharded = checkpoint.load_hf(folder, mesh=mesh, scan_layers=scan)
+  assert scfg == cfg.replace(scan_layers=scan)
+  want = params_lib.param_shardings(scfg, mesh)
+  jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(
+      f"{x.sharding} != {s}"), sharded, want)
+  # 6 heads on tensor=4 stay whole (replicated); the MLP, vocab and embed dimensions split.
+  w_up = sharded["layers"]["w_up"] if scan else sharded["layers"][1]["w_up"]
+  spec = (None, "fsdp", "tensor") if scan else ("fsdp", "tensor")
+  assert tuple(w_up.sharding.spec) == spec[:w_up.ndim] and len(w_up.sharding.device_set) == 8
+  assert w_up.addressable_shards[0].data.shape[-2:] == (48 // shape[1], 64 // shape[2])
+  # Each file was read in blocks: no read of a split matrix covers the whole tensor ...
+  name = "model.layers.1.mlp.up_proj.weight"
+  blocks = [ix for n, ix in reads if n == name]
+  assert blocks and all(ix is not None for ix in blocks)
+  assert all((s.stop - s.start) < full for ix in blocks for s, full in zip(ix, (64, 48))
+             if (s.stop - s.start) != full) and len(set(map(str, blocks))) == (
+                 shape[1] * shape[2])
+  # ... and devices holding the same block shared one read.
+  assert len(blocks) == len(set(map(str, blocks)))
+  if scan:
+    sharded = params_lib.unstack_layers(sharded)
+  jax.tree.map(np.testing.assert_array_equal, plain, sharded)
+
+
+def test_checkpoint_command_line(tmp_path):
+  folder = _save(_tiny_model("llama_untied"), tmp_path)
+  lines = checkpoint.inspect(hf=folder, dtype="bfloat16", mesh_shape=(1, 4, 2))
+  assert lines[0].startswith(f"loaded {folder}") and "n_layers=2" in lines[1]
+  assert "dtype='bfloat16'" in lines[1] and "P('tensor', 'fsdp')" in lines[2]
+  with pytest.raises(ValueError, match="exactly one"):
+    checkpoint.inspect()
+  with pytest.raises(ValueError, match="--export_tokenizer needs --gguf"):
+    checkpoint.inspect(hf=folder, export_tokenizer=str(tmp_path / "tok"))
 
 
 # ---------------------------------------------------------------------------------------------

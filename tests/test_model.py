@@ -1,11 +1,14 @@
-"""The decoder: cached decode equals the full forward (with left padding), masks, sharding."""
+"""The decoder: cached decode equals the full forward (with left padding), masks, sharding;
+the parameter table, rematerialisation and scanned layers equal the plain path."""
+
+import hashlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import config, decoder as dec, masks, sharding
+from models import config, decoder as dec, masks, params as params_lib, sharding
 
 # Fixed here (not the named "tiny", which may be retuned): expected tokens depend on it.
 CFG = config.ModelConfig(vocab_size=64, d_model=192, n_layers=2, n_heads=6, n_kv_heads=2,
@@ -127,3 +130,115 @@ def test_mesh_errors():
   # 3 kv heads do not divide over tensor=2: replicated rather than an error.
   spec = sharding.logical_to_spec(("embed", "kv_heads", "head_dim"), (576, 3, 64), mesh)
   assert tuple(spec) == ("fsdp", None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The parameter table, rematerialisation and scanned layers.
+
+# Digests of init_params computed with the code before the parameter table existed (path
+# strings decided the initializer): the table must draw the same keys in the same order.
+_PIN_CFG = config.ModelConfig(vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
+                              head_dim=8, mlp_dim=48, qkv_bias=True, tie_embeddings=False)
+_PINNED_DIGESTS = {
+    "float32": "5e8d3777716cc3a9434f429bd5cafe8e7845c176b1773e222593982f6a318f4c",
+    "bfloat16": "782925e8724927084eccb4703a16cca84e0709ef7d2658c263b56c487fc091b7",
+}
+
+
+def _digest(tree) -> str:
+  h = hashlib.sha256()
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.asarray(x).tobytes())
+  return h.hexdigest()
+
+
+@pytest.mark.parametrize("dtype", sorted(_PINNED_DIGESTS))
+def test_init_params_bit_identical_to_before_the_table(dtype):
+  cfg = _PIN_CFG.replace(param_dtype=dtype)
+  p = dec.init_params(cfg, jax.random.PRNGKey(3))
+  assert _digest(p) == _PINNED_DIGESTS[dtype]
+  if dtype == "float32":  # Readable spot checks of the same draw.
+    np.testing.assert_equal(float(p["layers"][2]["wq"][1, 2, 3]), 0.01954827457666397)
+    np.testing.assert_equal(float(p["lm_head"][5, 7]), 0.012484896928071976)
+    assert float(p["layers"][1]["bk"].sum()) == 0 and float(p["final_norm"].min()) == 1
+
+
+def test_param_table_drives_shapes_axes_and_shardings():
+  for scan in (False, True):
+    cfg = _PIN_CFG.replace(scan_layers=scan)
+    info = params_lib.param_info(cfg)
+    is_info = lambda x: isinstance(x, params_lib.ArrayInfo)
+    p = jax.eval_shape(lambda: dec.init_params(cfg, jax.random.PRNGKey(0)))
+    assert jax.tree.map(lambda x: x.shape, p) == jax.tree.map(
+        tuple, dec.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    assert jax.tree.structure(dec.param_axes(cfg), is_leaf=lambda x: isinstance(x, tuple)) == (
+        jax.tree.structure(info, is_leaf=is_info))
+  mesh = sharding.make_mesh((1, 4, 2))
+  flat = params_lib.param_shardings(_PIN_CFG.replace(scan_layers=True), mesh)
+  assert tuple(flat["layers"]["wq"].spec) == (None, "fsdp", "tensor", None)
+  assert tuple(flat["layers"]["w_down"].spec) == (None, "tensor", "fsdp")
+  assert tuple(params_lib.param_shardings(_PIN_CFG, mesh)["layers"][0]["wq"].spec) == (
+      "fsdp", "tensor", None)
+  abstract = params_lib.abstract_params(_PIN_CFG, mesh)
+  assert abstract["embed"].sharding.spec == flat["embed"].spec
+
+
+def test_stack_unstack_round_trip(params):
+  stacked = dec.stack_layers(params)
+  assert stacked["layers"]["wq"].shape == (CFG.n_layers, *params["layers"][0]["wq"].shape)
+  back = dec.unstack_layers(stacked)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  # A scanned config initialises to the stacked values of the unscanned one.
+  scanned = dec.init_params(CFG.replace(scan_layers=True), jax.random.PRNGKey(0))
+  jax.tree.map(np.testing.assert_array_equal, scanned, stacked)
+  with pytest.raises(ValueError, match="stack_layers"):
+    tok, valid = _batch()
+    dec.forward(stacked, CFG, tok, masks.positions_from_valid(valid), masks.causal_mask(valid))
+
+
+@pytest.mark.parametrize("remat,scan", [("full", False), ("dots", False), ("none", True),
+                                        ("dots", True)])
+def test_remat_and_scan_equal_plain_logits_and_gradients(params, remat, scan):
+  tok, valid = _batch()
+  pos, mask = masks.positions_from_valid(valid), masks.causal_mask(valid)
+  target = jax.random.normal(jax.random.PRNGKey(5), (3, 12, CFG.vocab_size))
+
+  def loss(p, cfg):
+    return jnp.sum(dec.forward(p, cfg, tok, pos, mask) * target)
+
+  run = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  ref_loss, ref_grad = run(params, CFG)
+  cfg = CFG.replace(remat=remat, scan_layers=scan)
+  p = dec.stack_layers(params) if scan else params
+  got_loss, got_grad = run(p, cfg)
+  if scan:
+    got_grad = dec.unstack_layers(got_grad)
+  np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               got_grad, ref_grad)
+  np.testing.assert_allclose(jax.jit(dec.forward, static_argnums=1)(p, cfg, tok, pos, mask),
+                             jax.jit(dec.forward, static_argnums=1)(params, CFG, tok, pos, mask),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_scanned_decoder_carries_per_layer_states(params):
+  # prefill + decode_step thread a KV cache through the scanned stack: same logits, same cache.
+  tok, valid = _batch()
+  pos, m = masks.positions_from_valid(valid), masks.causal_mask(valid)
+  scfg = CFG.replace(scan_layers=True, remat="full")
+  sp = dec.stack_layers(params)
+  outs = []
+  for c, p in ((CFG, params), (scfg, sp)):
+    last, cache = dec.prefill(p, c, tok[:, :8], pos[:, :8], m[:, :8, :8],
+                              dec.init_cache(c, 3, 12))
+    kv_mask = jnp.broadcast_to(valid[:, None, :], (3, 1, 12)) & (jnp.arange(12) <= 8)
+    lg, cache = dec.decode_step(p, c, tok[:, 8:9], pos[:, 8:9], cache, 8, kv_mask)
+    outs.append((last, lg, cache))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), outs[0], outs[1])
+
+
+def test_remat_is_checked():
+  with pytest.raises(ValueError, match="remat='some'"):
+    CFG.replace(remat="some")
