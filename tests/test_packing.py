@@ -17,7 +17,10 @@ CFG = config.ModelConfig(vocab_size=64, d_model=192, n_layers=2, n_heads=6, n_kv
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [20, 21, 22]]
 TOKS = at.AnytimeTokens(eos_id=63, pad_id=0, think_end_ids=(41,),
                         insert_running=(60, 61, 41, 62, 59), insert_ended=(62, 59))
-SPEC = at.AnytimeConfig(budgets=(4, 8, 16), group_size=2, n_summaries=2, summary_len=6)
+# Summaries reused at shared cuts: the layout with repeated (unpacked) branches; the official
+# resampled layout is checked by test_packed_layout_resampled.
+SPEC = at.AnytimeConfig(budgets=(4, 8, 16), group_size=2, n_summaries=2, summary_len=6,
+                        shared_cuts="reuse")
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +40,27 @@ def test_rollout_has_shared_and_running_cuts(setup):
   canonical = np.asarray(ro.cuts.canonical)
   assert (canonical != np.arange(3)).any(), "fixture should contain a repeated (shared) cut"
   assert (~np.asarray(ro.cuts.ended)).any()
+
+
+def test_packed_layout_resampled(setup):
+  """Every budget has its own A summaries, shared cut or not: all m * A branches are packed at
+  the cut's position and trained."""
+  sharp = setup[0]
+  spec = SPEC.__class__(**{**SPEC.__dict__, "shared_cuts": "resample"})
+  ro = at.anytime_rollout(sharp, CFG, PROMPTS, spec, TOKS, jax.random.PRNGKey(0))
+  r = len(PROMPTS) * spec.group_size
+  b = pk.pack(ro, jnp.zeros((r, 3)), jnp.ones((r, 3, 2)))
+  p, bm = ro.prompt.shape[1], 16
+  w = (b.tokens.shape[1] - p - bm) // 6
+  assert not ro.reused and (np.asarray(ro.cuts.canonical) != np.arange(3)).any()
+  for row in range(r):
+    for c in range(6):
+      j, a = divmod(c, 2)
+      sl = slice(p + bm + c * w, p + bm + (c + 1) * w)
+      n_ins, n_sum = int(ro.cuts.insert_len[row, j]), int(ro.summary_len[row, j, a])
+      assert (np.asarray(b.branch[row, sl])[:n_ins + n_sum] == c + 1).all()
+      assert int(np.asarray(b.loss_mask[row, sl]).sum()) == n_sum
+      assert int(b.positions[row, sl][0]) == int(ro.prompt_valid[row].sum() + ro.cuts.length[row, j])
 
 
 def test_packed_layout(setup):

@@ -87,27 +87,48 @@ def test_non_finite_update_is_skipped(batch):
     np.testing.assert_array_equal(x, y)
 
 
-def test_compute_advantages_modes():
+def test_compute_advantages_modes_reused_summaries():
   rewards = np.zeros((1, 2, 3, 2), np.float32)
   rewards[0, 0] = [[1, 0], [1, 1], [1, 1]]
-  rewards[0, 1] = [[0, 0], [0, 1], [0, 0]]
+  rewards[0, 1] = [[0, 0], [0, 1], [0, 1]]  # b_3 repeats the b_2 cut's two summaries
   canonical = np.array([[0, 1, 2], [0, 1, 1]])  # thinking 1 ended before b_3
-  t, s, train = rl_lib.compute_advantages(rewards, RL, canonical)
+  t, s, train = rl_lib.compute_advantages(rewards, RL, canonical, reused=True)
   # Decoupled: r - mean over the A summaries of the same cut, trained on distinct cuts only.
   np.testing.assert_allclose(s[0, 0], [0.5, -0.5])
   np.testing.assert_allclose(s[1, 1], [-0.5, 0.5])
   assert train[0].all() and train[1, :2].all() and not train[1, 2].any()
   # Thinking, uniform prior, brpo: R_1 of thinking 0 = (0.5 + 1 + 1) / 3.
   r0 = np.array([0.5 + 1 + 1, 1 + 1, 1]) / 3
-  r1 = np.array([0 + 0.5 + 0, 0.5 + 0, 0]) / 3
+  r1 = np.array([0 + 0.5 + 0.5, 0.5 + 0.5, 0.5]) / 3
   v2 = (r0 + r1) / 2
   assert t[0, 0] == pytest.approx(r0[0] - v2[0])
   # GRPO summary advantage: only the b_m summary, baseline over the G thinkings.
   grpo = C.RLConfig(**{**RL.__dict__, "summary_advantage": "grpo", "n_summaries": 1})
-  _, s, train = rl_lib.compute_advantages(rewards[..., :1], grpo, canonical)
+  _, s, train = rl_lib.compute_advantages(rewards[..., :1], grpo, canonical, reused=True)
   # Thinking 1 ended before b_3: its b_m summary is the one of its b_2 cut, trained there.
   np.testing.assert_allclose(s[:, :, 0], [[0, 0, 0.5], [0, -0.5, 0]])
   np.testing.assert_array_equal(train[:, :, 0], [[0, 0, 1], [0, 1, 0]])
+
+
+def test_compute_advantages_modes_resampled_summaries():
+  """The official layout: b_3 has its own two summaries at the cut it shares with b_2; the
+  decoupled baseline pools the four; all summaries are trained; GRPO trains the b_m slot."""
+  rewards = np.zeros((1, 2, 3, 2), np.float32)
+  rewards[0, 0] = [[1, 0], [1, 1], [1, 1]]
+  rewards[0, 1] = [[0, 0], [0, 1], [1, 1]]
+  canonical = np.array([[0, 1, 2], [0, 1, 1]])
+  t, s, train = rl_lib.compute_advantages(rewards, RL, canonical, reused=False)
+  np.testing.assert_allclose(s[0, 0], [0.5, -0.5])
+  np.testing.assert_allclose(s[1, 1], [-0.75, 0.25])  # pooled mean of (0, 1, 1, 1) = 0.75
+  np.testing.assert_allclose(s[1, 2], [0.25, 0.25])
+  assert train.all()
+  r1 = np.array([0 + 0.5 + 1, 0.5 + 1, 1]) / 3  # each budget its own mean
+  r0 = np.array([0.5 + 1 + 1, 1 + 1, 1]) / 3
+  assert t[1, 0] == pytest.approx(r1[0] - (r0[0] + r1[0]) / 2)
+  grpo = C.RLConfig(**{**RL.__dict__, "summary_advantage": "grpo", "n_summaries": 1})
+  _, s, train = rl_lib.compute_advantages(rewards[..., :1], grpo, canonical, reused=False)
+  np.testing.assert_allclose(s[:, :, 0], [[0, 0, 0], [0, 0, 0]])  # both right at b_3
+  np.testing.assert_array_equal(train[:, :, 0], [[0, 0, 1], [0, 0, 1]])
 
 
 def test_config_errors_name_the_flag():

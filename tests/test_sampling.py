@@ -154,8 +154,12 @@ def test_cut_kinds(greedy_rollout):
   np.testing.assert_array_equal(ro.cuts.length, [[4, 6, 6], [4, 8, 16], [3, 3, 3], [4, 8, 16]])
   np.testing.assert_array_equal(ro.cuts.ended, [[0, 1, 1], [0, 0, 0], [1, 1, 1], [0, 0, 0]])
   np.testing.assert_array_equal(ro.cuts.canonical, [[0, 1, 1], [0, 1, 2], [0, 0, 0], [0, 1, 2]])
-  np.testing.assert_array_equal(ro.cuts.insert_len, [[5, 2, 2], [5, 5, 5], [2, 2, 2], [5, 5, 5]])
-  # Duplicated budgets show the summaries of their canonical budget.
+  # The eos-ended thinking gets the running insert, as in the official code; its cut scores 0.
+  np.testing.assert_array_equal(ro.cuts.insert_len, [[5, 2, 2], [5, 5, 5], [5, 5, 5], [5, 5, 5]])
+  np.testing.assert_array_equal(ro.cuts.eos, [[0, 0, 0], [0, 0, 0], [1, 1, 1], [0, 0, 0]])
+  # A budget that shares a cut decodes its own summaries (resampled) from the same context:
+  # greedy, they equal the first budget's.
+  assert not ro.reused
   np.testing.assert_array_equal(ro.summary[0, 2], ro.summary[0, 1])
 
 
