@@ -16,6 +16,9 @@ from models.gguf import load_gguf, smollm2_gguf_path, tokenizer_from_gguf  # noq
 from models.hf import config_from_hf, load_hf  # noqa: F401
 from models.tensor_map import CheckpointError  # noqa: F401
 
+__all__ = ["CheckpointError", "config_from_hf", "inspect", "load_gguf", "load_hf",
+           "smollm2_gguf_path", "tokenizer_from_gguf"]
+
 
 def inspect(gguf: str | None = None, hf: str | None = None, dtype: str = "float32",
             mesh_shape: tuple[int, ...] | None = None,

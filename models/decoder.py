@@ -147,7 +147,10 @@ def logits_from_hidden(params: Params, cfg: ModelConfig, h):
 
 
 def forward_hidden(params: Params, cfg: ModelConfig, tokens, positions, mask):
-  """tokens, positions [B, T], mask [B, T, T] -> final hidden [B, T, D]."""
+  """tokens, positions [B, T], mask [B, T, T] -> final hidden [B, T, D].
+
+  The stack runs as cfg.remat and cfg.scan_layers say (params stacked for the latter).
+  """
   attend = lambda q, k, v, s: (attention(q, k, v, mask), s)
   h, _ = decoder(params, cfg, tokens, positions, attend, [None] * cfg.n_layers)
   return h
@@ -159,7 +162,9 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, mask):
 
 
 # ---------------------------------------------------------------------------------------------
-# KV cache: static shape, one [B, S, K, Dh] buffer per layer for keys and for values.
+# KV cache: static shape, one [B, S, K, Dh] buffer per layer for keys and for values. With
+# cfg.scan_layers, `decoder` stacks these per-layer buffers for its scan and splits them after
+# (a copy per call): right for a prefill, wasteful in a long decode loop.
 
 
 @flax.struct.dataclass

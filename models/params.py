@@ -140,6 +140,13 @@ def abstract_params(cfg: ModelConfig, mesh: Mesh | None = None,
                       param_shardings(cfg, mesh, rules), is_leaf=_is_info)
 
 
+def decay_mask(cfg: ModelConfig) -> Params:
+  """True for the parameters that are matrices within one layer (weight decay applies to them,
+  not to norms), same tree as `init_params`; a stacked [L, D] norm still counts as a vector."""
+  return jax.tree.map(lambda i: len([a for a in i.axes if a != "layers"]) > 1,
+                      param_info(cfg), is_leaf=_is_info)
+
+
 def is_stacked(params: Params) -> bool:
   """Whether params["layers"] is one dict of [L, ...] arrays rather than a list of L dicts."""
   return isinstance(params["layers"], Mapping)

@@ -2,6 +2,8 @@
 a static cache, each against the dense reference `models.decoder.attention` with the explicit
 [B, T, T] mask of `models.masks.tree_mask` built from the same descriptors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,25 +67,31 @@ def reference(q, k, v, seg, lim):
 
 def _check(q, k, v, seg, lim, fn, tol, gtol):
   """Values on rows that see a key (others: fast gives 0) and grads of a weighted sum over
-  those rows, fast `fn` vs the dense reference."""
-  ref, seen = reference(q, k, v, seg, lim)
-  out = fn(q, k, v, seg, lim)
+  those rows, fast `fn` vs the dense reference (all in one jit, to keep the test fast)."""
+
+  @jax.jit
+  def both(q, k, v, seg, lim):
+    ref, seen = reference(q, k, v, seg, lim)
+    out = fn(q, k, v, seg, lim)
+    w = jax.random.normal(jax.random.PRNGKey(7), q.shape, jnp.float32) * seen[:, :, None, None]
+    loss = lambda g: lambda q, k, v: jnp.sum(g(q, k, v).astype(jnp.float32) * w)
+    g_fast = jax.grad(loss(lambda q, k, v: fn(q, k, v, seg, lim)), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(loss(lambda q, k, v: reference(q, k, v, seg, lim)[0]),
+                     argnums=(0, 1, 2))(q, k, v)
+    return out, ref, seen, g_fast, g_ref
+
+  out, ref, seen, g_fast, g_ref = both(q, k, v, seg, lim)
   assert out.shape == q.shape and out.dtype == q.dtype
-  w = jax.random.normal(jax.random.PRNGKey(7), q.shape, jnp.float32) * seen[:, :, None, None]
   f32 = lambda x: np.asarray(x.astype(jnp.float32))
-  np.testing.assert_allclose(f32(out) * f32(seen[:, :, None, None]),
-                             f32(ref) * f32(seen[:, :, None, None]), atol=tol, rtol=tol)
+  sel = f32(seen[:, :, None, None])
+  np.testing.assert_allclose(f32(out) * sel, f32(ref) * sel, atol=tol, rtol=tol)
   np.testing.assert_array_equal(f32(out)[~np.asarray(seen)], 0.0)
-  loss = lambda g: lambda q, k, v: jnp.sum(g(q, k, v).astype(jnp.float32) * w)
-  g_fast = jax.grad(loss(lambda q, k, v: fn(q, k, v, seg, lim)), argnums=(0, 1, 2))(q, k, v)
-  g_ref = jax.grad(loss(lambda q, k, v: reference(q, k, v, seg, lim)[0]), argnums=(0, 1, 2))(
-      q, k, v)
   for a, b in zip(g_fast, g_ref):
     assert a.dtype == b.dtype
     np.testing.assert_allclose(f32(a), f32(b), atol=gtol, rtol=gtol)
 
 
-BLOCKWISE = lambda bq, bk: jax.jit(
+BLOCKWISE = lambda bq, bk: (
     lambda q, k, v, s, l: attn.blockwise_attention(q, k, v, s, l, block_q=bq, block_k=bk))
 
 
@@ -105,7 +113,7 @@ def test_causal_padding_right_padded_queries_keep_masks_rule():
   seg = jnp.where(valid, 0, -1)
   lim = jnp.broadcast_to(jnp.arange(1, 30), valid.shape)
   ref = dec.attention(q, k, v, masks.causal_mask(valid))
-  out = BLOCKWISE(8, 8)(q, k, v, seg, lim)
+  out = jax.jit(BLOCKWISE(8, 8))(q, k, v, seg, lim)
   np.testing.assert_allclose(out, ref, atol=1e-5)  # every row sees a key here
 
 
@@ -157,21 +165,28 @@ def test_entry_points_and_xla_route():
   q, k, v = _qkv(3, 33, 4, 2, 16, seed=5)
   starts, ends = jnp.array([4, 0, 10]), jnp.array([33, 21, 30])
   seg, lim = causal_batch(33, starts, ends)
-  ref, seen = reference(q, k, v, seg, lim)
+  ref, seen = jax.jit(reference)(q, k, v, seg, lim)
   ref = jnp.where(seen[:, :, None, None], ref, 0)
-  for impl in ("xla", "blockwise", "dense", "auto"):
-    out = attn.causal_attention(q, k, v, starts, ends, impl=impl, block_q=8, block_k=8)
-    np.testing.assert_allclose(out, ref, atol=1e-5, err_msg=impl)
-  # Gradients through the xla route too.
   w = jax.random.normal(jax.random.PRNGKey(1), q.shape) * seen[:, :, None, None]
-  f = lambda impl: jax.grad(lambda q, k, v: jnp.sum(
-      attn.causal_attention(q, k, v, starts, ends, impl=impl) * w), argnums=(0, 1, 2))(q, k, v)
-  for a, b in zip(f("xla"), f("dense")):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(impl, q, k, v):
+    f = lambda q, k, v: attn.causal_attention(q, k, v, starts, ends, impl=impl, block_q=8,
+                                              block_k=8)
+    return f(q, k, v), jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2))(
+        q, k, v)
+
+  _, g_dense = run("dense", q, k, v)
+  for impl in ("xla", "blockwise", "auto"):
+    out, g = run(impl, q, k, v)
+    np.testing.assert_allclose(out, ref, atol=1e-5, err_msg=impl)
+    for a, b in zip(g, g_dense):
+      np.testing.assert_allclose(a, b, atol=1e-5, err_msg=impl)
   tseg, tlim = tree_batch()
   q, k, v = _qkv(3, tseg.shape[1], 4, 2, 16)
-  np.testing.assert_allclose(attn.packed_attention(q, k, v, tseg, tlim, block_q=16, block_k=16),
-                             attn.packed_attention(q, k, v, tseg, tlim, impl="dense"), atol=1e-5)
+  packed = jax.jit(attn.packed_attention, static_argnames=("impl", "block_q", "block_k"))
+  np.testing.assert_allclose(packed(q, k, v, tseg, tlim, block_q=16, block_k=16),
+                             packed(q, k, v, tseg, tlim, impl="dense"), atol=1e-5)
   with pytest.raises(ValueError):
     attn.packed_attention(q, k, v, tseg, tlim, impl="cudnn")
 
@@ -196,9 +211,11 @@ def test_decoder_layer_stack_with_blockwise_attention():
     h, _ = dec.decoder(p, cfg, tokens, positions, att, [None] * cfg.n_layers)
     return jnp.where(seen[..., None], h, 0)
 
+  hidden = jax.jit(hidden, static_argnums=1)
   np.testing.assert_allclose(hidden(params, True), hidden(params, False), atol=1e-5)
   loss = lambda p, fast: jnp.sum(jnp.sin(hidden(p, fast)))
-  g1, g2 = jax.grad(loss)(params, True), jax.grad(loss)(params, False)
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  g1, g2 = grad(params, True), grad(params, False)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):  # sums of many O(100) terms
     np.testing.assert_allclose(a, b, atol=1e-6 * float(jnp.max(jnp.abs(b))), rtol=1e-4)
 
@@ -207,23 +224,32 @@ def test_decoder_layer_stack_with_blockwise_attention():
 # Decode.
 
 
-@pytest.mark.parametrize("filled", [1, 15, 16, 17, 32, 47, 48, 50, 64])
-def test_decode_attention_filled_lengths(filled):
+@pytest.mark.parametrize("s_len", [64, 50])
+def test_decode_attention_filled_lengths(s_len):
   """Visible slots [start, filled); block 16 so 16, 32, 48, 64 are block boundaries; S = 64 and
-  S = 50 (a partial last block)."""
-  for s_len in (64, 50):
+  S = 50 (a partial last block). One compiled function for every filled length."""
+  b, t, h, kh, dh = 3, 1, 4, 2, 16
+
+  @jax.jit
+  def both(q, kc, vc, start, f):
+    slots = jnp.arange(s_len)
+    mask = ((slots[None] >= start[:, None]) & (slots[None] < f))[:, None, :]
+    return attn.decode_attention(q, kc, vc, start, f, block=16), dec.attention(q, kc, vc, mask)
+
+  for filled in [1, 15, 16, 17, 32, 47, 48, 50, 64]:
     f = min(filled, s_len)
-    b, t, h, kh, dh = 3, 1, 4, 2, 16
     ks = jax.random.split(jax.random.PRNGKey(filled), 3)
     q = jax.random.normal(ks[0], (b, t, h, dh))
     kc = jax.random.normal(ks[1], (b, s_len, kh, dh))
     vc = jax.random.normal(ks[2], (b, s_len, kh, dh))
     start = jnp.minimum(jnp.array([0, 3, 20]), f - 1)
-    slots = jnp.arange(s_len)
-    mask = ((slots[None] >= start[:, None]) & (slots[None] < f))[:, None, :]
-    ref = dec.attention(q, kc, vc, mask)
-    out = jax.jit(lambda *a: attn.decode_attention(*a, block=16))(q, kc, vc, start, f)
+    out, ref = both(q, kc, vc, start, jnp.int32(f))
     np.testing.assert_allclose(out, ref, atol=1e-5, err_msg=f"S={s_len} filled={f}")
+
+
+DECODE = jax.jit(attn.decode_attention, static_argnames=("block", "return_lse"))
+DENSE = jax.jit(dec.attention)
+MERGE = jax.jit(attn.merge_partials)
 
 
 def test_decode_attention_per_row_filled_query_slots_and_merge():
@@ -237,23 +263,23 @@ def test_decode_attention_per_row_filled_query_slots_and_merge():
   slots = jnp.arange(s_len)
   mask = ((slots[None, None] >= start[:, None, None]) & (slots[None, None] < filled[:, None, None])
           & (slots[None, None] <= qslot[:, :, None]))
-  ref = dec.attention(q, kc, vc, mask)
-  out = attn.decode_attention(q, kc, vc, start, filled, query_slot=qslot, block=8)
+  ref = DENSE(q, kc, vc, mask)
+  out = DECODE(q, kc, vc, start, filled, query_slot=qslot, block=8)
   np.testing.assert_allclose(out, ref, atol=1e-5)
   # Two disjoint key sets (a trunk cache and a branch cache) merged == one softmax over both.
   bk = jax.random.normal(ks[3], (b, 5, kh, dh))
   bv = jax.random.normal(ks[4], (b, 5, kh, dh))
-  o1, l1 = attn.decode_attention(q, kc, vc, start, filled, block=8, return_lse=True)
-  o2, l2 = attn.decode_attention(q, bk, bv, 0, 4, block=8, return_lse=True)
+  o1, l1 = DECODE(q, kc, vc, start, filled, block=8, return_lse=True)
+  o2, l2 = DECODE(q, bk, bv, 0, 4, block=8, return_lse=True)
   both = jnp.concatenate([kc, bk], 1), jnp.concatenate([vc, bv], 1)
   slots2 = jnp.arange(s_len + 5)
   m2 = (((slots2[None] >= start[:, None]) & (slots2[None] < filled[:, None]))
         | ((slots2[None] >= s_len) & (slots2[None] < s_len + 4)))
-  ref2 = dec.attention(q, *both, jnp.broadcast_to(m2[:, None], (b, t, s_len + 5)))
-  np.testing.assert_allclose(attn.merge_partials(o1, l1, o2, l2), ref2, atol=1e-5)
+  ref2 = DENSE(q, *both, jnp.broadcast_to(m2[:, None], (b, t, s_len + 5)))
+  np.testing.assert_allclose(MERGE(o1, l1, o2, l2), ref2, atol=1e-5)
   # An empty set merges as nothing.
-  o3, l3 = attn.decode_attention(q, bk, bv, 0, 0, block=8, return_lse=True)
-  np.testing.assert_allclose(attn.merge_partials(o1, l1, o3, l3), o1, atol=1e-6)
+  o3, l3 = DECODE(q, bk, bv, 0, 0, block=8, return_lse=True)
+  np.testing.assert_allclose(MERGE(o1, l1, o3, l3), o1, atol=1e-6)
 
 
 def test_decode_attention_bf16():

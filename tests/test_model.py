@@ -182,6 +182,12 @@ def test_param_table_drives_shapes_axes_and_shardings():
       "fsdp", "tensor", None)
   abstract = params_lib.abstract_params(_PIN_CFG, mesh)
   assert abstract["embed"].sharding.spec == flat["embed"].spec
+  # The weight-decay mask is the same whether or not the layers are stacked (by rank > 1 within
+  # a layer, as warm starts have always decayed).
+  plain = jax.eval_shape(lambda: dec.init_params(_PIN_CFG, jax.random.PRNGKey(0)))
+  assert params_lib.decay_mask(_PIN_CFG) == jax.tree.map(lambda x: x.ndim > 1, plain)
+  stacked_mask = params_lib.decay_mask(_PIN_CFG.replace(scan_layers=True))["layers"]
+  assert stacked_mask == jax.tree.map(lambda x: x.ndim > 1, plain["layers"][0])
 
 
 def test_stack_unstack_round_trip(params):
@@ -221,6 +227,26 @@ def test_remat_and_scan_equal_plain_logits_and_gradients(params, remat, scan):
   np.testing.assert_allclose(jax.jit(dec.forward, static_argnums=1)(p, cfg, tok, pos, mask),
                              jax.jit(dec.forward, static_argnums=1)(params, CFG, tok, pos, mask),
                              rtol=1e-6, atol=1e-6)
+
+
+def test_remat_lowers_the_compiled_memory_of_a_scanned_update():
+  # XLA's own figure for the backward pass, compiled ahead of time without weights. Measured
+  # here: none 34 MiB, dots 13, full 9.6. Unrolled layers (scan_layers=False) showed no saving on
+  # XLA:CPU, whose scheduler recomputes every layer up front: use remat with scan_layers.
+  base = config.ModelConfig(vocab_size=64, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2,
+                            head_dim=16, mlp_dim=128, scan_layers=True)
+  args = (jax.ShapeDtypeStruct((2, 256), jnp.int32), jax.ShapeDtypeStruct((2, 256), bool))
+  temp = {}
+  for remat in ("none", "dots", "full"):
+    cfg = base.replace(remat=remat)
+
+    def loss(p, tok, valid, cfg=cfg):
+      pos, mask = masks.positions_from_valid(valid), masks.causal_mask(valid)
+      return jnp.sum(dec.forward_hidden(p, cfg, tok, pos, mask))
+
+    compiled = jax.jit(jax.grad(loss)).lower(params_lib.abstract_params(cfg), *args).compile()
+    temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+  assert temp["full"] < temp["dots"] < temp["none"] / 2, temp
 
 
 def test_scanned_decoder_carries_per_layer_states(params):
