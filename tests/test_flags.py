@@ -119,3 +119,15 @@ def test_flagfile_errors_name_the_line(tmp_path, monkeypatch):
     flags_lib.config_from_args(["--flagfile=a.flags"])
   with pytest.raises(ValueError, match=r"^unexpected arguments \['x'\]"):
     flags_lib.config_from_args(["--steps=2", "x"])
+
+
+def test_flagfiles_relative_to_a_folder(tmp_path, monkeypatch):
+  # As experiments/ablation.py reads the named runs, from any current directory.
+  monkeypatch.chdir(tmp_path)
+  grpo = "experiments/configs/grpo.flags"  # includes tiny_cpu.flags by a relative path
+  ec = flags_lib.config_from_args([f"--flagfile={grpo}"], relative_to=ROOT)
+  monkeypatch.chdir(ROOT)
+  assert ec == flags_lib.config_from_args([f"--flagfile={grpo}"])
+  with pytest.raises(ValueError, match=rf"^--flagfile=nope.flags: no such file or directory "
+                                       rf"\(relative to {ROOT}\)$"):
+    flags_lib.config_from_args(["--flagfile=nope.flags"], relative_to=ROOT)

@@ -69,11 +69,11 @@ def config_from_flags(flag_values: flags.FlagValues) -> C.ExperimentConfig:
                                for group, kwargs in groups.items()})
 
 
-def _expand(args: Sequence[str], origin: str = "",
+def _expand(args: Sequence[str], relative_to: str | None, origin: str = "",
             stack: tuple[str, ...] = ()) -> Iterator[tuple[str, str]]:
   """(argument, origin) for each argument, every --flagfile replaced by its lines as absl reads
-  them (blank lines and lines starting with # or // skipped; paths relative to the current
-  directory), each with "path:line" as its origin ("" on the command line).
+  them (blank lines and lines starting with # or // skipped; relative paths from `relative_to`,
+  default the current directory), each with "path:line" as its origin ("" on the command line).
   Raises ValueError for a flagfile that cannot be read, naming where it was given."""
   args = list(args)
   while args:
@@ -91,21 +91,25 @@ def _expand(args: Sequence[str], origin: str = "",
     if path in stack:
       raise ValueError(f"{where}--flagfile={path}: includes itself")
     try:
-      with open(path) as f:
+      with open(os.path.join(relative_to or "", path)) as f:
         lines = f.readlines()
     except OSError as e:
       hint = "" if os.path.isabs(path) else (
+          f" (relative to {relative_to})" if relative_to else
           f" (relative to the current directory {os.getcwd()}; run from the repository root)")
       raise ValueError(f"{where}--flagfile={path}: {e.strerror.lower()}{hint}") from None
     for n, line in enumerate(lines, start=1):
       if not line.isspace() and not line.startswith(("#", "//")):
-        yield from _expand([line.strip()], f"{path}:{n}", (*stack, path))
+        yield from _expand([line.strip()], relative_to, f"{path}:{n}", (*stack, path))
 
 
-def parse(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+def parse(flag_values: flags.FlagValues, argv: Sequence[str],
+          relative_to: str | None = None) -> list[str]:
   """flag_values(argv) with one-line errors: raises ValueError naming the flag and, for one set
-  in a flagfile, the file and line. Returns the arguments that are not flags (argv[0] first)."""
-  expanded = list(_expand(argv[1:]))
+  in a flagfile, the file and line. Returns the arguments that are not flags (argv[0] first).
+  Flagfiles named by a relative path are read from `relative_to` (default: the current
+  directory, as absl does)."""
+  expanded = list(_expand(argv[1:], relative_to))
   args = [arg for arg, _ in expanded]
   try:
     return flag_values([argv[0], *args])
@@ -131,13 +135,14 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
   raise ValueError(origin + " ".join(str(error).split())) from None
 
 
-def config_from_args(args: Sequence[str]) -> C.ExperimentConfig:
+def config_from_args(args: Sequence[str], relative_to: str | None = None) -> C.ExperimentConfig:
   """Flags (e.g. ["--flagfile=experiments/configs/grpo.flags", "--steps=2"]) -> config, parsed
-  into fresh FlagValues (so from the defaults). For scripts and tests that build several runs.
+  into fresh FlagValues (so from the defaults). For scripts and tests that build several runs;
+  `relative_to`: as for parse (other relative paths, e.g. --workdir, stay as they are).
   Raises ValueError (one line naming the flag, and the flagfile line where it is set)."""
   flag_values = flags.FlagValues()
   define_flags(flag_values)
-  rest = parse(flag_values, ["brpo", *args])
+  rest = parse(flag_values, ["brpo", *args], relative_to)
   if len(rest) > 1:
     raise ValueError(f"unexpected arguments {rest[1:]} (flags start with --)")
   return config_from_flags(flag_values)
