@@ -14,16 +14,15 @@ those files). A run that was already completed in results/runs/ is resumed, not 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import time
+import types
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
+import numpy as np
+from absl import app, flags
 
 RUNS = ("grpo", "grpo_linear", "grpo_decouple", "grpo_vr", "ar_base", "ar_linear", "ar_uniform")
 LABELS = {"grpo": "GRPO", "grpo_linear": "GRPO+linear", "grpo_decouple": "GRPO+decouple",
@@ -32,30 +31,47 @@ LABELS = {"grpo": "GRPO", "grpo_linear": "GRPO+linear", "grpo_decouple": "GRPO+d
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--runs", default=",".join(RUNS))
-  ap.add_argument("--seeds", default="0,1,2")
-  ap.add_argument("--steps", type=int, default=30, help="RL steps per run")
-  ap.add_argument("--out", default="results")
-  ap.add_argument("--report", default="docs/RESULTS.md")
-  ap.add_argument("--eval_every", type=int, default=10,
-                  help="evaluate every N steps (the anytime-score training curve)")
-  ap.add_argument("--eval_periodic_size", type=int, default=32,
-                  help="questions in those evaluations (the final one uses all)")
-  ap.add_argument("--extra", default="", help="more flags for every run, comma separated")
-  ap.add_argument("--variance_prompts", type=int, default=64)
-  ap.add_argument("--skip_real", action="store_true", help="skip the SmolLM2 GSM8K run")
-  ap.add_argument("--parts", default="runs,base,variance,real",
-                  help="which parts to (re)do: runs, base (the warm start evaluated alone), "
-                       "variance, real; the others' JSON files are kept as they are")
-  ap.add_argument("--real_steps", type=int, default=3)
-  ap.add_argument("--report_only", action="store_true")
-  return ap.parse_args(argv)
+flags.DEFINE_string("runs", ",".join(RUNS), "Named runs (experiments/configs/<name>.flags).")
+flags.DEFINE_string("seeds", "0,1,2", "Seeds of each run.")
+flags.DEFINE_integer("steps", 30, "RL steps per run")
+flags.DEFINE_string("out", "results", "Results folder (relative: to the repository root).")
+flags.DEFINE_string("report", "docs/RESULTS.md", "The report (relative: to the repository root).")
+flags.DEFINE_integer("eval_every", 10,
+                     "evaluate every N steps (the anytime-score training curve)")
+flags.DEFINE_integer("eval_periodic_size", 32,
+                     "questions in those evaluations (the final one uses all)")
+flags.DEFINE_string("extra", "", "more flags for every run, comma separated")
+flags.DEFINE_integer("variance_prompts", 64, "Prompts of the variance batch.")
+flags.DEFINE_bool("skip_real", False, "skip the SmolLM2 GSM8K run")
+flags.DEFINE_string("parts", "runs,base,variance,real",
+                    "which parts to (re)do: runs, base (the warm start evaluated alone), "
+                    "variance, real; the others' JSON files are kept as they are")
+flags.DEFINE_integer("real_steps", 3, "RL steps of the real-data run.")
+flags.DEFINE_string("data_dir", "data", "Data folder of the real-data run (relative: to the "
+                    "repository root; experiments/prepare_data.py writes it).")
+flags.DEFINE_bool("report_only", False, "Only rewrite the report from the JSON files.")
+NAMES = ("runs", "seeds", "steps", "out", "report", "eval_every", "eval_periodic_size", "extra",
+         "variance_prompts", "skip_real", "parts", "real_steps", "report_only")
+
+
+def _args() -> types.SimpleNamespace:
+  """The parsed flags, with --out and --report absolute (relative ones: from the repository
+  root, wherever the script runs from)."""
+  args = types.SimpleNamespace(**{name: flags.FLAGS[name].value for name in NAMES})
+  args.out, args.report, args.data_dir = (os.path.join(ROOT, p)
+                                         for p in (args.out, args.report, args.data_dir))
+  return args
+
+
+def _config(run_flags: list[str]):
+  """A run's ExperimentConfig; its flagfiles (and those they include) read from the root."""
+  from brpo.run import flags as flags_lib
+
+  return flags_lib.config_from_args(run_flags, relative_to=ROOT)
 
 
 def _flags(name: str, seed: int, args) -> list[str]:
-  out = os.path.abspath(args.out)
+  out = args.out
   extra = [f for f in args.extra.split(",") if f]
   return [f"--flagfile=experiments/configs/{name}.flags", f"--seed={seed}",
           f"--workdir={out}/runs/{name}/seed{seed}", f"--warmstart_dir={out}/warmstart",
@@ -91,7 +107,6 @@ def _finished(workdir: str, steps: int) -> dict | None:
 
 def run_ablation(args) -> dict:
   from brpo.run import runner
-  from experiments import gsm_math
 
   runs = args.runs.split(",")
   seeds = [int(s) for s in args.seeds.split(",")]
@@ -109,7 +124,7 @@ def run_ablation(args) -> dict:
     results[name] = {}
     for seed in seeds:
       t = time.time()
-      ec = gsm_math.config_from_args(_flags(name, seed, args))
+      ec = _config(_flags(name, seed, args))
       res = _finished(ec.run.workdir, args.steps)
       if res is None:
         res = runner.main(ec)
@@ -151,21 +166,19 @@ def measure_variance(args) -> dict:
   from brpo.core import advantages as adv_lib
   from brpo.rollout import anytime as at
   from brpo.tasks import data as data_lib
-  from brpo.run import scoring
+  from brpo.run import rl_step, scoring
   from brpo.run import runner
   from brpo.rollout import sampling
   from brpo.grading import Grader
-  from experiments import gsm_math
 
-  ec = gsm_math.config_from_args(_flags("ar_uniform", 0, args))
+  ec = _config(_flags("ar_uniform", 0, args))
   cfg, params, tokenizer = runner.load_model(ec)
   toks = at.AnytimeTokens.from_tokenizer(tokenizer)
   examples = data_lib.load_dataset(ec.data.eval)[:args.variance_prompts]
   prompts, refs, _ = runner.encode_prompts(examples, tokenizer, ec.model.template,
                                            ec.model.max_prompt_len, "skip", ec.data.eval)
   rl = ec.rl
-  spec = at.AnytimeConfig(budgets=rl.budget_spec.budgets, group_size=rl.group_size,
-                          n_summaries=rl.n_summaries, summary_len=rl.summary_len)
+  spec = rl_step.anytime_spec(rl)
   strategy = sampling.make_strategy(rl.temperature, rl.top_p)
   ro = at.anytime_rollout(params, cfg, prompts, spec, toks, jax.random.PRNGKey(1234),
                           think_strategy=strategy, summary_strategy=strategy,
@@ -198,11 +211,10 @@ def measure_variance(args) -> dict:
 def evaluate_base(args) -> dict:
   """The warm start itself (no RL) under the same evaluation: the runs' common starting point."""
   from brpo.run import runner
-  from experiments import gsm_math
 
-  ec = gsm_math.config_from_args(_flags("ar_uniform", 0, args)[:1] + [
-      f"--workdir={os.path.abspath(args.out)}/runs/warmstart_eval",
-      f"--warmstart_dir={os.path.abspath(args.out)}/warmstart", "--mode=eval",
+  ec = _config(_flags("ar_uniform", 0, args)[:1] + [
+      f"--workdir={args.out}/runs/warmstart_eval",
+      f"--warmstart_dir={args.out}/warmstart", "--mode=eval",
       "--progress=false"])
   res = runner.main(ec)
   return {k: res[k] for k in ("budgets", "accuracy", "anytime_score", "final_accuracy",
@@ -215,15 +227,13 @@ def evaluate_base(args) -> dict:
 
 def real_data(args) -> dict:
   from brpo.run import runner
-  from experiments import gsm_math
 
-  data = os.path.join(os.path.dirname(ROOT), "shared", "data", "gsm8k")
+  data = os.path.join(args.data_dir, "gsm8k")
   if not os.path.isdir(data):
-    return {"skipped": f"{data} not found"}
-  out = os.path.abspath(args.out)
-  ec = gsm_math.config_from_args([
-      "--flagfile=experiments/configs/smollm2_135m_gsm8k.flags",
-      f"--train_data={data}/train.jsonl", f"--eval_data={data}/test.jsonl",
+    return {"skipped": f"{data} not found (python experiments/prepare_data.py --datasets=gsm8k)"}
+  out = args.out
+  ec = _config([
+      "--flagfile=experiments/configs/smollm2_135m_gsm8k.flags", f"--data_dir={args.data_dir}",
       f"--workdir={out}/runs/smollm2_gsm8k", f"--steps={args.real_steps}", "--eval_size=16",
       "--progress=false"])
   t = time.time()
@@ -427,9 +437,10 @@ def write_report(args) -> str:
   return args.report
 
 
-def main(argv=None):
-  args = _args(argv)
-  os.chdir(ROOT)
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]} (flags start with --)")
+  args = _args()
   os.makedirs(args.out, exist_ok=True)
   parts = set(args.parts.split(","))
   if parts - {"runs", "base", "variance", "real"}:
@@ -451,7 +462,7 @@ def main(argv=None):
     if os.path.exists(meta_path):
       with open(meta_path) as f:
         meta = json.load(f)
-    command = "python experiments/ablation.py " + " ".join(argv or sys.argv[1:])
+    command = "python experiments/ablation.py " + " ".join(sys.argv[1:])
     for part in sorted(parts):
       meta.setdefault("parts", {})[part] = {"command": command.strip(),
                                             "wall_seconds": seconds[part]}
@@ -466,4 +477,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -75,6 +75,12 @@ def test_bad_flag_value_in_a_flagfile_names_file_and_line(tmp_path):
       f"{flagfile}:2: flag --steps=many: invalid literal for int() with base 10: 'many'")
 
 
+def test_bad_choice_in_a_flagfile_names_file_and_line(tmp_path):
+  flagfile = write(tmp_path / "run.flags", f"--flagfile={TINY}\n\n--prior=triangular\n")
+  assert run_cli(f"--flagfile={flagfile}") == (
+      f"{flagfile}:3: flag --prior=triangular: value should be one of <uniform|linear|base>")
+
+
 def test_missing_flagfile(tmp_path):
   missing = tmp_path / "nope.flags"
   assert run_cli(f"--flagfile={missing}") == f"--flagfile={missing}: no such file or directory"
@@ -134,7 +140,9 @@ def test_in_process_errors_name_the_flag():
           "--group_size=1 with --summary_advantage=grpo: the group baseline of one summary is "
           "itself (advantage 0)",
       ("--eval_budgets=0",): "--eval_budgets=0: must be >= 1",
-      ("--template=alpaca",): "--template='alpaca': must be one of r1_distill, chatml, plain",
+      # A flag with choices is an absl enum: checked as it is parsed.
+      ("--template=alpaca",): "flag --template=alpaca: value should be one of "
+                              "<r1_distill|chatml|plain>",
   }
   for flags, message in cases.items():
     with pytest.raises(ValueError) as e:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+import os
+from typing import Any, Sequence
 
 from brpo.core import advantages as adv_lib
 from brpo.core import budgets as budgets_lib
@@ -21,92 +22,135 @@ from models import tokenizer as tok_lib
 SUMMARY_ADVANTAGES = ("decoupled", "grpo")
 INITS = ("warmstart", "random", "checkpoint")
 OLD_LOGP = ("recompute", "sampler")
+DTYPES = ("float32", "bfloat16")
+LONG_PROMPTS = ("skip", "error")
+SCHEDULES = ("constant", "cosine", "linear")
+MODES = ("train", "eval")
+DISTRIBUTED = ("auto", "on", "off")
+
+
+def setting(default: Any, help: str, *, flag: str | None = None,
+            choices: Sequence[str] | None = None) -> Any:
+  """A config field and its command-line flag (brpo/run/flags.py makes the flags from these).
+
+  help: the flag's help. flag: the flag's name where it is not the field's (kept so that
+  flagfiles keep working). choices: the allowed values (an enum flag; checked here too).
+  """
+  return dataclasses.field(default=default, metadata={
+      "help": help, "flag": flag, "choices": tuple(choices) if choices is not None else None})
+
+
+def flag_name(field: dataclasses.Field) -> str:
+  """The command-line name of a config field (error messages name the flag)."""
+  return field.metadata.get("flag") or field.name
+
+
+def _check_choices(cfg: Any) -> None:
+  for f in dataclasses.fields(cfg):
+    choices = f.metadata.get("choices")
+    if choices is not None and getattr(cfg, f.name) not in choices:
+      raise ValueError(f"--{flag_name(f)}={getattr(cfg, f.name)!r}: must be one of "
+                       f"{', '.join(choices)}")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """Which model: a named config (random init or the tiny warm start), a HF folder or a GGUF."""
 
-  model: str = "tiny"  # a name in models.config.CONFIGS, or a path (HF folder / .gguf file)
-  tokenizer: str = ""  # .model / tokenizer.json path; empty: beside the checkpoint
-  init: str = "warmstart"  # "warmstart" (tiny task), "random", or "checkpoint" (model is a path)
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  template: str = "plain"  # models.tokenizer.TEMPLATES
-  max_prompt_len: int = 256
-  long_prompts: str = "skip"  # "skip" (and count) or "error"
+  model: str = setting("tiny", f"Named config ({', '.join(model_configs.CONFIGS)}) or, with "
+                       "--init=checkpoint, a HF folder or .gguf file.")
+  tokenizer: str = setting("", "SentencePiece .model or tokenizer.json; default: beside the "
+                           "checkpoint.")
+  init: str = setting("warmstart", "warmstart: the tiny task's supervised warm start; random; "
+                      "checkpoint: --model is a path.", choices=INITS)
+  dtype: str = setting("float32", "Compute dtype.", choices=DTYPES)
+  param_dtype: str = setting("float32", "Parameter dtype.", choices=DTYPES)
+  template: str = setting("plain", "Prompt template.", choices=tok_lib.TEMPLATES)
+  max_prompt_len: int = setting(256, "Longest prompt in tokens.")
+  long_prompts: str = setting("skip", "What to do with a prompt longer than --max_prompt_len: "
+                              "skip (and count) or error.", choices=LONG_PROMPTS)
+
+  data_dir: str = setting("data", "Folder that relative --train_data / --eval_data paths are "
+                          "read from (experiments/prepare_data.py writes there).")
 
   def __post_init__(self):
-    if self.init not in INITS:
-      raise ValueError(f"--init={self.init!r}: must be one of {', '.join(INITS)}")
+    _check_choices(self)
+
+  def path(self, spec: str) -> str:
+    """A data spec as the loader reads it: a relative file path joined to data_dir; absolute
+    paths and the synthetic task ("arith:...") as they are."""
+    if spec.startswith("arith:") or os.path.isabs(spec) or "://" in spec:
+      return spec
+    return os.path.join(self.data_dir, spec)
     # Caught here rather than at load time: a warm start would otherwise train first.
     if self.init != "checkpoint" and self.model not in model_configs.CONFIGS:
       raise ValueError(f"--model={self.model!r}: no such named config (known: "
                        f"{', '.join(model_configs.CONFIGS)}); a checkpoint path needs "
                        "--init=checkpoint")
-    if self.template not in tok_lib.TEMPLATES:
-      raise ValueError(f"--template={self.template!r}: must be one of "
-                       f"{', '.join(tok_lib.TEMPLATES)}")
-    if self.long_prompts not in ("skip", "error"):
-      raise ValueError(f"--long_prompts={self.long_prompts!r}: must be skip or error")
     if self.max_prompt_len < 1:
       raise ValueError(f"--max_prompt_len={self.max_prompt_len}: must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  train: str = "arith:train"
-  eval: str = "arith:test"
-  eval_size: int = 128  # questions used for evaluation (0: all)
-  on_bad_record: str = "skip"  # skip (count, warn naming file and lines) | error
+  train: str = setting("arith:train", "Training questions: a GSM8K .jsonl, a paper-format .json "
+                       "list, or arith:<split>[:n=..,terms=..,digits=..] (the synthetic task).",
+                       flag="train_data")
+  eval: str = setting("arith:test", "Evaluation questions (same formats).", flag="eval_data")
+  eval_size: int = setting(128, "Evaluation questions used (0: all).")
+  on_bad_record: str = setting("skip", "A record that cannot be read or graded (empty answer, "
+                               "missing field, malformed line): skip it (one warning names the "
+                               "file and lines) or stop with an error.",
+                               choices=data_lib.BAD_RECORD_POLICIES)
 
   def __post_init__(self):
-    if self.on_bad_record not in data_lib.BAD_RECORD_POLICIES:
-      raise ValueError(f"--on_bad_record={self.on_bad_record!r}: must be one of "
-                       f"{', '.join(data_lib.BAD_RECORD_POLICIES)}")
+    _check_choices(self)
 
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
   """One RL step: anytime rollout, grading, advantages, PPO update (SPEC §2-§8)."""
 
-  budgets: tuple[int, ...] = ()  # explicit support; else b_max and n_budgets
-  b_max: int = 96
-  n_budgets: int = 4
-  prior: str = "uniform"  # uniform | linear | base
-  prior_weights: tuple[float, ...] = ()
-  n_summaries: int = 4  # A
-  summary_len: int = 16  # S
-  thinking_baseline: str = "brpo"  # brpo | v1only | v2only | none
-  summary_advantage: str = "decoupled"  # decoupled | grpo
-  lam: float = 0.5
-  group_size: int = 8  # G
-  prompts_per_batch: int = 16  # N prompts per rollout
-  mini_batch_prompts: int = 8  # prompts per optimizer step
-  ppo_epochs: int = 1
-  micro_batches: int = 1  # gradient accumulation inside one optimizer step
-  clip_low: float = 0.2
-  clip_high: float = 0.2
-  loss_agg: str = "dr_grpo"
-  kl_coef: float = 0.0
-  kl_type: str = "k3"
-  entropy_coef: float = 0.0
-  temperature: float = 1.0
-  top_p: float = 1.0
-  shared_cut_summaries: str = "resample"  # resample (official) | reuse
-  old_logp: str = "recompute"  # recompute (official: trainer forward) | sampler
+  budgets: tuple[int, ...] = setting((), "Explicit budget support b_1 < ... < b_m (overrides "
+                                     "b_max and n_budgets).")
+  b_max: int = setting(96, "Largest thinking budget (tokens).")
+  n_budgets: int = setting(4, "m: budgets b_j = b_max / m * j.")
+  prior: str = setting("uniform", "Budget prior p_B.", choices=budgets_lib.PRIORS)
+  prior_weights: tuple[float, ...] = setting((), "Explicit prior weights (sum to 1), instead of "
+                                             "--prior.")
+  n_summaries: int = setting(4, "A: summaries per cut.")
+  summary_len: int = setting(16, "S: most tokens per summary.")
+  thinking_baseline: str = setting("brpo", "Baseline of the thinking advantage.",
+                                   choices=adv_lib.BASELINES)
+  summary_advantage: str = setting("decoupled", "decoupled: per-cut baseline over the A "
+                                   "summaries; grpo: one summary at b_max, group baseline.",
+                                   choices=SUMMARY_ADVANTAGES)
+  lam: float = setting(0.5, "lambda of the budget-relative baseline V1.")
+  group_size: int = setting(8, "G: thinkings per prompt.")
+  prompts_per_batch: int = setting(16, "Prompts per rollout.")
+  mini_batch_prompts: int = setting(8, "Prompts per optimizer update.")
+  ppo_epochs: int = setting(1, "Passes over each rollout batch.")
+  micro_batches: int = setting(1, "Gradient accumulation steps per update.")
+  clip_low: float = setting(0.2, "PPO clip epsilon below 1.")
+  clip_high: float = setting(0.2, "PPO clip epsilon above 1.")
+  loss_agg: str = setting("dr_grpo", "Loss aggregation.", choices=loss_lib.AGGREGATIONS)
+  kl_coef: float = setting(0.0, "KL-to-reference coefficient (0: off).")
+  kl_type: str = setting("k3", "KL estimator.", choices=loss_lib.KL_TYPES)
+  entropy_coef: float = setting(0.0, "Entropy bonus (0: off).")
+  temperature: float = setting(1.0, "Rollout temperature.")
+  top_p: float = setting(1.0, "Rollout top-p.")
+  shared_cut_summaries: str = setting(
+      "resample", "A thinking that ended before b_j shares one cut among budgets j..m. resample "
+      "(the paper's code): A fresh summaries per budget, the decoupled baseline pools the A x k "
+      "of a cut; reuse: A summaries per distinct cut, trained once (cheaper).",
+      choices=at.SHARED_CUTS)
+  old_logp: str = setting(
+      "recompute", "PPO's old log-probs: recompute (the paper's code: the training forward "
+      "before the update) or sampler (the rollout's own log-probs).", choices=OLD_LOGP)
 
   def __post_init__(self):
+    _check_choices(self)
     checks = [
-        (self.shared_cut_summaries in at.SHARED_CUTS, "shared_cut_summaries",
-         f"one of {at.SHARED_CUTS}"),
-        (self.old_logp in OLD_LOGP, "old_logp", f"one of {OLD_LOGP}"),
-        (self.thinking_baseline in adv_lib.BASELINES, "thinking_baseline",
-         f"one of {adv_lib.BASELINES}"),
-        (self.summary_advantage in SUMMARY_ADVANTAGES, "summary_advantage",
-         f"one of {SUMMARY_ADVANTAGES}"),
-        (self.loss_agg in loss_lib.AGGREGATIONS, "loss_agg", f"one of {loss_lib.AGGREGATIONS}"),
-        (self.kl_type in loss_lib.KL_TYPES, "kl_type", f"one of {loss_lib.KL_TYPES}"),
         (self.group_size >= 1, "group_size", ">= 1"),
         (self.n_summaries >= 1, "n_summaries", ">= 1"),
         (self.summary_len >= 1, "summary_len", ">= 1"),
@@ -170,30 +214,32 @@ class RLConfig:
 class OptimConfig:
   """AdamW (SPEC §7 defaults are the paper's; the tiny default uses a larger lr)."""
 
-  lr: float = 1e-6
-  b1: float = 0.9
-  b2: float = 0.999
-  weight_decay: float = 0.01
-  grad_clip: float = 1.0
-  schedule: str = "constant"  # constant | cosine | linear
-  warmup_steps: int = 0
+  lr: float = setting(1e-6, "AdamW learning rate.")
+  b1: float = setting(0.9, "AdamW beta1.")
+  b2: float = setting(0.999, "AdamW beta2.")
+  weight_decay: float = setting(0.01, "AdamW weight decay.")
+  grad_clip: float = setting(1.0, "Global gradient-norm clip.")
+  schedule: str = setting("constant", "Learning-rate schedule after warmup.", flag="lr_schedule",
+                          choices=SCHEDULES)
+  warmup_steps: int = setting(0, "Linear warmup (updates).")
 
   def __post_init__(self):
-    if self.schedule not in ("constant", "cosine", "linear"):
-      raise ValueError(f"--lr_schedule={self.schedule!r}: must be constant, cosine or linear")
+    _check_choices(self)
     if self.lr <= 0:
       raise ValueError(f"--lr={self.lr}: must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  n_budgets: int = 32  # K budgets evenly spaced up to b_max
-  b_max: int = 0  # 0: the training b_max
-  samples: int = 1  # thinkings per question
-  temperature: float = 0.6
-  top_p: float = 1.0
-  summary_len: int = 0  # 0: the training summary length
-  periodic_size: int = 0  # questions for the evaluations during training (--eval_every); 0: all
+  n_budgets: int = setting(32, "K budgets evenly spaced to b_max.", flag="eval_budgets")
+  b_max: int = setting(0, "Largest eval budget (0: --b_max).", flag="eval_b_max")
+  samples: int = setting(1, "Thinkings per eval question.", flag="eval_samples")
+  temperature: float = setting(0.6, "Evaluation temperature.", flag="eval_temperature")
+  top_p: float = setting(1.0, "Evaluation top-p.", flag="eval_top_p")
+  summary_len: int = setting(0, "Summary length at evaluation (0: --summary_len).",
+                             flag="eval_summary_len")
+  periodic_size: int = setting(0, "Questions used by the evaluations during training "
+                               "(--eval_every; 0: all of --eval_size).", flag="eval_periodic_size")
 
   def __post_init__(self):
     # Checked now: these would otherwise fail only at the evaluation after the whole run.
@@ -207,27 +253,33 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  workdir: str = "workdir/tiny_cpu"
-  mode: str = "train"  # train | eval
-  steps: int = 40
-  eval_every: int = 0  # 0: only at the end
-  checkpoint_every: int = 10
-  keep_checkpoints: int = 3
-  log_every: int = 1
-  seed: int = 0
-  mesh: tuple[int, int, int] = (1, -1, 1)  # data, fsdp, tensor (-1: the rest)
-  warmstart_dir: str = "workdir/warmstart_tiny"
-  warmstart_steps: int = 0  # 0: the warm start's default
-  warmstart_seed: int = 0  # fixed apart from --seed, so runs of several seeds share one warm start
-  max_bad_steps: int = 3  # stop after this many consecutive non-finite updates
-  grader_workers: int = 2
-  grader_timeout_s: float = 5.0
-  distributed: str = "auto"  # auto | on | off: jax.distributed.initialize
-  progress: bool = True
+  workdir: str = setting("workdir/tiny_cpu", "Checkpoints, metrics and plots go here.")
+  mode: str = setting("train", "Train (resumes) or evaluate.", choices=MODES)
+  steps: int = setting(40, "RL steps (rollout batches).")
+  eval_every: int = setting(0, "Evaluate every N steps (0: at end).")
+  checkpoint_every: int = setting(10, "Checkpoint every N steps.")
+  keep_checkpoints: int = setting(3, "Checkpoints kept.")
+  seed: int = setting(0, "Seed of data order, sampling and init.")
+  mesh: tuple[int, int, int] = setting((1, -1, 1), "Mesh shape data,fsdp,tensor (one entry may "
+                                       "be -1: the remaining devices).")
+  warmstart_dir: str = setting("workdir/warmstart_tiny", "Where the tiny task's warm start is "
+                               "trained or reused.")
+  warmstart_steps: int = setting(0, "Warm-start SFT steps (0: its default).")
+  warmstart_seed: int = setting(0, "Seed of the warm start (apart from --seed: seeds share one "
+                                "warm start).")
+  max_bad_steps: int = setting(3, "Stop after this many consecutive steps with non-finite "
+                               "loss/gradients.")
+  grader_workers: int = setting(2, "Grading processes.")
+  grader_timeout_s: float = setting(5.0, "Per-answer grading timeout.")
+  distributed: str = setting("auto", "jax.distributed.initialize (auto: on TPU pods / with a "
+                             "coordinator set).", choices=DISTRIBUTED)
+  progress: bool = setting(True, "Progress bars.")
 
   def __post_init__(self):
-    if self.mode not in ("train", "eval"):
-      raise ValueError(f"--mode={self.mode!r}: must be train or eval")
+    _check_choices(self)
+    if len(self.mesh) != 3:
+      raise ValueError(f"--mesh={','.join(map(str, self.mesh))}: expected 3 sizes "
+                       "(data,fsdp,tensor)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +322,17 @@ class ExperimentConfig:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
+    """The inverse of to_dict (lists back to tuples). Keys of settings since removed (a config
+    saved by an older version, e.g. run.log_every) are dropped; missing ones take the default."""
+    groups = {}
+    for name, group in GROUPS.items():
+      names = {f.name for f in dataclasses.fields(group)}
+      groups[name] = group(**{k: tuple(v) if isinstance(v, list) else v
+                              for k, v in d.get(name, {}).items() if k in names})
+    return cls(**groups)
+
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
@@ -281,3 +344,8 @@ class ExperimentConfig:
             "optim": tuple(f.name for f in dataclasses.fields(OptimConfig)),
             "data": ("train",), "run": ("seed",)}
     return json.loads(json.dumps({g: {k: d[g][k] for k in ks} for g, ks in keep.items()}))
+
+
+# The groups of ExperimentConfig by field name, in order (its annotations are strings).
+GROUPS = {"model": ModelSpec, "data": DataConfig, "rl": RLConfig, "optim": OptimConfig,
+          "eval": EvalConfig, "run": RunConfig}

@@ -59,7 +59,7 @@ class Run:
       self.mesh = shd.make_mesh(run.mesh)
     except ValueError as e:
       raise ValueError(f"--mesh={','.join(map(str, run.mesh))}: {e}") from None
-    eval_examples = data_lib.load_dataset(ec.data.eval, ec.data.on_bad_record)
+    eval_examples = data_lib.load_dataset(ec.data.path(ec.data.eval), ec.data.on_bad_record)
     if ec.data.eval_size:
       eval_examples = eval_examples[:ec.data.eval_size]
     self.grader = grading.Grader(num_workers=run.grader_workers, timeout_s=run.grader_timeout_s)
@@ -108,7 +108,7 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
   run, rl = ec.run, ec.rl
   # Both before the model is loaded (or a warm start trained): these fail in seconds.
   check_workdir(ec)
-  train_examples = data_lib.load_dataset(ec.data.train, ec.data.on_bad_record)
+  train_examples = data_lib.load_dataset(ec.data.path(ec.data.train), ec.data.on_bad_record)
   r = Run(ec)
   cfg, mesh = r.cfg, r.mesh
   train_examples, dropped = data_lib.dedup_train_eval(train_examples, r.eval_examples)
@@ -255,13 +255,9 @@ def evaluate_only(ec: ExperimentConfig) -> dict[str, Any]:
 
 
 def config_from_dict(d: dict[str, Any]) -> ExperimentConfig:
-  """The inverse of ExperimentConfig.to_dict (lists back to tuples)."""
-  from brpo.run import config as c
-
-  conv = lambda cls, x: cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in x.items()})
-  return c.ExperimentConfig(model=conv(c.ModelSpec, d["model"]), data=conv(c.DataConfig, d["data"]),
-                            rl=conv(c.RLConfig, d["rl"]), optim=conv(c.OptimConfig, d["optim"]),
-                            eval=conv(c.EvalConfig, d["eval"]), run=conv(c.RunConfig, d["run"]))
+  """The inverse of ExperimentConfig.to_dict (a checkpoint's saved config; keys of settings
+  that no longer exist are dropped, new settings take their defaults)."""
+  return ExperimentConfig.from_dict(d)
 
 
 def check_workdir(ec: ExperimentConfig) -> None:
