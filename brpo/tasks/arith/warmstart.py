@@ -181,8 +181,14 @@ def train(params: Params, cfg: ModelConfig, tokenizer: tok_lib.Tokenizer,
 # Saving, restoring, and the warm start itself.
 
 
+# ModelConfig fields that change how the model runs, not what it computes: a saved warm start
+# serves any value of them (and directories saved before they existed stay usable).
+_RUNTIME_FIELDS = ("remat", "scan_layers")
+
+
 def _settings(cfg: ModelConfig, ws: WarmStartConfig) -> dict[str, Any]:
-  return {"model_config": dataclasses.asdict(cfg),
+  model = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS}
+  return {"model_config": model,
           "warm_start": dataclasses.asdict(ws)}  # Includes the task settings.
 
 
