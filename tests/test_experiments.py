@@ -66,3 +66,29 @@ def test_eval_mode_reads_the_checkpoint(tmp_path, tiny_warmstart_dir):
       small("ar_uniform", tmp_path, tiny_warmstart_dir, "--mode=eval")))
   assert result["step"] == 1
   assert os.path.exists(tmp_path / "eval.json")
+
+
+def test_benchmarks_mode_prints_the_paper_table(tmp_path, tiny_warmstart_dir, capsys):
+  """--mode=benchmarks: every set evaluated with one model, one JSON and plot per set, and the
+  paper's table (anytime and final per benchmark, and their average)."""
+  sets = "--eval_benchmarks=easy=arith:test:n=4,hard=arith:val:n=4"
+  ec = gsm_math.config_from_args(small("ar_uniform", tmp_path, tiny_warmstart_dir,
+                                       "--mode=benchmarks", sets))
+  summary = runner.main(ec)
+  assert list(summary["benchmarks"]) == ["easy", "hard"]
+  table = capsys.readouterr().out.strip().splitlines()[-3:]
+  assert table[0].split() == ["easy", "hard", "Avg"]
+  for line, key in zip(table[1:], ("anytime_score", "final_accuracy")):
+    label, *values = line.split()
+    want = [100 * summary["benchmarks"][n][key] for n in ("easy", "hard")]
+    assert [float(v) for v in values] == pytest.approx(
+        [round(w, 1) for w in want] + [round(sum(want) / 2, 1)], abs=0.051)
+  for name in ("easy", "hard"):
+    with open(tmp_path / f"eval_{name}.json") as f:
+      assert json.load(f)["n_questions"] == 4
+    assert os.path.getsize(tmp_path / f"accuracy_{name}.png") > 1000
+  with open(tmp_path / "benchmarks.json") as f:
+    assert json.load(f)["average"] == summary["average"]
+  with pytest.raises(ValueError, match="--eval_benchmarks: 'oops' is not name=file"):
+    gsm_math.config_from_args(small("ar_uniform", tmp_path, tiny_warmstart_dir,
+                                    "--eval_benchmarks=oops"))

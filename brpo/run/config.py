@@ -25,7 +25,11 @@ OLD_LOGP = ("recompute", "sampler")
 DTYPES = ("float32", "bfloat16")
 LONG_PROMPTS = ("skip", "error")
 SCHEDULES = ("constant", "cosine", "linear")
-MODES = ("train", "eval")
+MODES = ("train", "eval", "benchmarks")
+# The paper's five evaluation sets (SPEC §10) as prepare_data.py writes them under --data_dir.
+PAPER_BENCHMARKS = ("aime=anytime_eval/aime.json,amc=anytime_eval/amc.json,"
+                    "math500=anytime_eval/math.json,minerva=anytime_eval/minerva.json,"
+                    "olympiad=anytime_eval/olympiad_bench.json")
 DISTRIBUTED = ("auto", "on", "off")
 
 
@@ -70,18 +74,8 @@ class ModelSpec:
   long_prompts: str = setting("skip", "What to do with a prompt longer than --max_prompt_len: "
                               "skip (and count) or error.", choices=LONG_PROMPTS)
 
-  data_dir: str = setting("data", "Folder that relative --train_data / --eval_data paths are "
-                          "read from (experiments/prepare_data.py writes there).")
-
   def __post_init__(self):
     _check_choices(self)
-
-  def path(self, spec: str) -> str:
-    """A data spec as the loader reads it: a relative file path joined to data_dir; absolute
-    paths and the synthetic task ("arith:...") as they are."""
-    if spec.startswith("arith:") or os.path.isabs(spec) or "://" in spec:
-      return spec
-    return os.path.join(self.data_dir, spec)
     # Caught here rather than at load time: a warm start would otherwise train first.
     if self.init != "checkpoint" and self.model not in model_configs.CONFIGS:
       raise ValueError(f"--model={self.model!r}: no such named config (known: "
@@ -102,9 +96,18 @@ class DataConfig:
                                "missing field, malformed line): skip it (one warning names the "
                                "file and lines) or stop with an error.",
                                choices=data_lib.BAD_RECORD_POLICIES)
+  data_dir: str = setting("data", "Folder that relative --train_data / --eval_data paths are "
+                          "read from (experiments/prepare_data.py writes there).")
 
   def __post_init__(self):
     _check_choices(self)
+
+  def path(self, spec: str) -> str:
+    """A data spec as the loader reads it: a relative file path joined to data_dir; absolute
+    paths and the synthetic task ("arith:...") as they are."""
+    if spec.startswith("arith:") or os.path.isabs(spec) or "://" in spec:
+      return spec
+    return os.path.join(self.data_dir, spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +243,21 @@ class EvalConfig:
                              flag="eval_summary_len")
   periodic_size: int = setting(0, "Questions used by the evaluations during training "
                                "(--eval_every; 0: all of --eval_size).", flag="eval_periodic_size")
+  benchmarks: str = setting(PAPER_BENCHMARKS, "--mode=benchmarks: name=data file pairs, comma "
+                            "separated (relative files: under --data_dir).",
+                            flag="eval_benchmarks")
+
+  def benchmark_files(self) -> list[tuple[str, str]]:
+    """[(name, data spec)] of --eval_benchmarks, in order."""
+    out = []
+    for item in filter(None, (x.strip() for x in self.benchmarks.split(","))):
+      name, sep, spec = item.partition("=")
+      if not sep or not name or not spec:
+        raise ValueError(f"--eval_benchmarks: {item!r} is not name=file")
+      out.append((name, spec))
+    if not out:
+      raise ValueError("--eval_benchmarks: no benchmark given")
+    return out
 
   def __post_init__(self):
     # Checked now: these would otherwise fail only at the evaluation after the whole run.
@@ -249,6 +267,7 @@ class EvalConfig:
                              ("eval_periodic_size", self.periodic_size, 0)):
       if value < low:
         raise ValueError(f"--{flag}={value}: must be >= {low}")
+    self.benchmark_files()
 
 
 @dataclasses.dataclass(frozen=True)
