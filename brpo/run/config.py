@@ -147,6 +147,13 @@ class RLConfig:
       "(the paper's code): A fresh summaries per budget, the decoupled baseline pools the A x k "
       "of a cut; reuse: A summaries per distinct cut, trained once (cheaper).",
       choices=at.SHARED_CUTS)
+  rollout_batch: int = setting(
+      0, "Thinkings per sampler call (0: all prompts_per_batch x group_size at once). With n > 0 "
+      "only n rows' KV caches are alive at once, and every row draws from its own key, so "
+      "results do not depend on n (but differ from 0's batch-key draws).")
+  compact_every: int = setting(
+      0, "Decode the thinking in chunks of this many steps, moving the rows still running into "
+      "a smaller batch between chunks (0: off; per-row keys as with --rollout_batch).")
   old_logp: str = setting(
       "recompute", "PPO's old log-probs: recompute (the paper's code: the training forward "
       "before the update) or sampler (the rollout's own log-probs).", choices=OLD_LOGP)
@@ -160,6 +167,8 @@ class RLConfig:
         (self.prompts_per_batch >= 1, "prompts_per_batch", ">= 1"),
         (self.ppo_epochs >= 1, "ppo_epochs", ">= 1"),
         (self.micro_batches >= 1, "micro_batches", ">= 1"),
+        (self.rollout_batch >= 0, "rollout_batch", ">= 0"),
+        (self.compact_every >= 0, "compact_every", ">= 0"),
         (self.lam > 0, "lam", "> 0"),
         (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
         (self.temperature > 0, "temperature", "> 0 (rollouts sample)"),

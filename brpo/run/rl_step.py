@@ -126,7 +126,8 @@ def rl_step(state: TrainState, prompts: Sequence[Sequence[int]], references: Seq
   prompt, valid = multihost.prompt_rows(prompts, spec.group_size, ctx.toks.pad_id,
                                        ctx.prompt_length, ctx.mesh)
   ro = at.rollout_rows(state.params, ctx.cfg, prompt, valid, spec, ctx.toks, key_roll,
-                       think_strategy=strategy, summary_strategy=strategy, timings=timings)
+                       think_strategy=strategy, summary_strategy=strategy, timings=timings,
+                       rollout_batch=rl.rollout_batch, compact_every=rl.compact_every)
   t1 = time.perf_counter()
   refs = [ref for ref in references for _ in range(g)]
   rewards = score_rollout(ro, ctx.tokenizer, ctx.toks, refs, ctx.grader)  # [R, m, A]
