@@ -262,7 +262,9 @@ def warm_start(directory: str, ws: WarmStartConfig = WarmStartConfig(),
       saved = json.load(f)
     tokenizer = tok_lib.SentencePieceTokenizer(tok_path)
     cfg = get_config(ws.model, vocab_size=tokenizer.vocab_size, **(model_overrides or {}))
-    diff = _differences({k: saved.get(k) for k in ("model_config", "warm_start")},
+    saved_model = {k: v for k, v in (saved.get("model_config") or {}).items()
+                   if k not in _RUNTIME_FIELDS}
+    diff = _differences({"model_config": saved_model, "warm_start": saved.get("warm_start")},
                         json.loads(json.dumps(_settings(cfg, ws))))
     if diff:
       raise ValueError(f"{settings_path}: this directory holds a warm start with other settings "
