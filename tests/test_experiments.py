@@ -106,3 +106,26 @@ def test_rollout_in_chunks_on_the_mesh(tmp_path, tiny_warmstart_dir):
       records.append(json.loads(f.readline()))
   for key in ("thinking_len", "reward", "generated_tokens", "frac_think_end"):
     assert records[0][key] == records[1][key], key
+
+
+def test_compare_runs_finds_the_first_differing_step(tmp_path):
+  from experiments import compare_runs
+
+  def write(name, rewards, acc):
+    d = tmp_path / name
+    d.mkdir()
+    with open(d / "metrics.jsonl", "w") as f:
+      for step, r in enumerate(rewards, 1):
+        f.write(json.dumps({"step": step, "reward": r, "seconds/step": step * 0.1 + len(name)})
+                + "\n")
+    with open(d / "eval.json", "w") as f:
+      json.dump({"anytime_score": acc}, f)
+    return str(d)
+
+  a, b, c = write("a", [0.1, 0.2, 0.3], 0.5), write("bb", [0.1, 0.2, 0.3], 0.5), \
+      write("c", [0.1, 0.25, 0.3], 0.6)
+  assert compare_runs.compare(a, b) == (True, ["metrics.jsonl: 3 of 3 steps equal (timing "
+                                               "fields left out)", "eval.json: equal"])
+  same, lines = compare_runs.compare(a, c)
+  assert not same and lines == ["first differing step 2: reward 0.2 vs 0.25",
+                                "eval.json: different"]
