@@ -24,7 +24,6 @@ import orbax.checkpoint as ocp
 import tqdm
 from etils import epath
 
-from brpo.run import paths
 from brpo.tasks.arith import task as arith
 from brpo.tasks.data import DataIterator, Example, dedup_train_eval
 from models import decoder as dec
@@ -204,23 +203,39 @@ def _differences(saved: Any, wanted: Any, prefix: str = "") -> list[str]:
   return [] if saved == wanted else [f"{prefix[:-1]}={saved!r} there, {wanted!r} requested"]
 
 
+# A gs://... (s3://...) directory goes through etils.epath as it is; a local one is made absolute
+# (orbax needs absolute local paths). (brpo/run/paths.py does the same; tasks do not import run.)
+def _is_remote(path: str) -> bool:
+  return "://" in os.fspath(path)
+
+
+def _resolve(path: str) -> str:
+  return path if _is_remote(path) else os.path.abspath(path)
+
+
 def save(directory: str, cfg: ModelConfig, params: Params, ws: WarmStartConfig,
          results: dict[str, Any] | None = None) -> None:
   """Writes params (orbax, under <dir>/params) and then the settings JSON, which marks the
   checkpoint complete. The tokenizer is expected at <dir>/tokenizer.model already."""
-  directory = paths.resolve(directory)
+  directory = _resolve(directory)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, PARAMS_DIR), params, force=True)
   ckptr.wait_until_finished()
   ckptr.close()
   doc = dict(_settings(cfg, ws), tokenizer=TOKENIZER_FILE, results=results or {})
-  paths.write_text(os.path.join(directory, SETTINGS_FILE), json.dumps(doc, indent=1))
+  settings = epath.Path(directory, SETTINGS_FILE)
+  if _is_remote(directory):  # one object write: atomic on an object store
+    settings.write_text(json.dumps(doc, indent=1))
+  else:
+    tmp = settings.with_name(SETTINGS_FILE + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(settings)
 
 
 def _local_copy(path: str) -> str:
   """`path` when local; a remote file (gs://...) copied to a local temporary file (sentencepiece
   reads local files only)."""
-  if not paths.is_remote(path):
+  if not _is_remote(path):
     return path
   local = os.path.join(tempfile.mkdtemp(prefix="brpo_warmstart_"), os.path.basename(path))
   with open(local, "wb") as f:
@@ -231,7 +246,7 @@ def _local_copy(path: str) -> str:
 def load(directory: str) -> tuple[ModelConfig, Params, tok_lib.SentencePieceTokenizer,
                                   dict[str, Any]]:
   """Reads a saved warm start -> (cfg, params, tokenizer, the settings JSON)."""
-  directory = paths.resolve(directory)
+  directory = _resolve(directory)
   path = epath.Path(directory, SETTINGS_FILE)
   if not path.is_file():
     raise FileNotFoundError(f"{directory} holds no warm start ({SETTINGS_FILE} is missing)")
@@ -265,7 +280,7 @@ def warm_start(directory: str, ws: WarmStartConfig = WarmStartConfig(),
   """
   if ws.stop_accuracy > 0 and held_out_accuracy is None:
     raise ValueError("a warm start with stop_accuracy > 0 needs a held_out_accuracy function")
-  directory = paths.resolve(directory)
+  directory = _resolve(directory)
   tok_path = os.path.join(directory, TOKENIZER_FILE)
   settings_path = os.path.join(directory, SETTINGS_FILE)
   if epath.Path(settings_path).is_file():
@@ -283,7 +298,7 @@ def warm_start(directory: str, ws: WarmStartConfig = WarmStartConfig(),
 
   epath.Path(directory).mkdir(parents=True, exist_ok=True)
   start = time.time()
-  if paths.is_remote(directory):  # sentencepiece writes and reads local files only
+  if _is_remote(directory):  # sentencepiece writes and reads local files only
     local_tok = os.path.join(tempfile.mkdtemp(prefix="brpo_warmstart_"), TOKENIZER_FILE)
     tokenizer = arith.train_tokenizer(local_tok, ws.task, ws.seed)
     with open(local_tok, "rb") as f:
