@@ -10,11 +10,12 @@ and reads the shards it holds, process 0 the metadata.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from brpo.run import paths
 
 
 class Checkpointer:
@@ -24,7 +25,7 @@ class Checkpointer:
                cleanup_tmp: bool = False):
     """`cleanup_tmp`: delete unfinished step folders left by a killed run (only the run that
     writes this directory may: an evaluation beside it would delete a save in progress)."""
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)  # absolute when local; gs://... as it is
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
                                            create=True, enable_async_checkpointing=False,
                                            cleanup_tmp_directories=cleanup_tmp)

@@ -11,9 +11,11 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 import tqdm
+from etils import epath
 
 from brpo.rollout import anytime as at
 from brpo.run import multihost
+from brpo.run import paths
 from brpo.run import scoring
 from brpo.rollout import sampling
 from models.config import ModelConfig
@@ -76,10 +78,7 @@ def evaluate(params, cfg: ModelConfig, tokenizer: Tokenizer, toks: at.AnytimeTok
 
 def write_eval(result: dict[str, Any], workdir: str, name: str = "eval") -> str:
   path = os.path.join(workdir, f"{name}.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(tmp, path)  # never a half-written eval.json
+  paths.write_text(path, json.dumps(result, indent=1))  # never a half-written eval.json
   return path
 
 
@@ -130,6 +129,7 @@ def plot_accuracy(results: dict[str, dict[str, Any]], path: str, title: str = ""
   if title:
     ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(path)
+  with epath.Path(path).open("wb") as f:  # a local file or a gs://... object
+    fig.savefig(f, format=os.path.splitext(os.fspath(path))[1][1:].lower() or "png")
   plt.close(fig)
   return path

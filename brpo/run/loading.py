@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from typing import Callable, Sequence
 
 import jax
+from etils import epath
 
 from brpo import grading
 from brpo.rollout import anytime as at
 from brpo.run import evaluation
+from brpo.run import paths
 from brpo.run.config import ExperimentConfig
 from brpo.tasks import data as data_lib
 from models import decoder as dec
@@ -78,8 +81,8 @@ def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] =
     ws = warmstart.WarmStartConfig(model=spec.model, task=task, seed=ec.run.warmstart_seed)
     if ec.run.warmstart_steps:
       ws = ws.__class__(**{**ws.__dict__, "steps": ec.run.warmstart_steps})
-    if jax.process_count() > 1 and not os.path.isfile(
-        os.path.join(ec.run.warmstart_dir, warmstart.SETTINGS_FILE)):
+    if jax.process_count() > 1 and not epath.Path(
+        ec.run.warmstart_dir, warmstart.SETTINGS_FILE).is_file():
       # Several processes would all train it and write one directory at once.
       raise ValueError(f"--warmstart_dir={ec.run.warmstart_dir}: no warm start there; with "
                        "several processes, make it first with one process (the same flags "
@@ -110,13 +113,28 @@ def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] =
       raise FileNotFoundError(f"--model={path}: no such file or folder")
     if path.endswith(".gguf"):
       cfg, params = ckpt_lib.load_gguf(path, dtype=spec.param_dtype)
-      tok_path = spec.tokenizer or ckpt_lib.tokenizer_from_gguf(
-          path, os.path.join(ec.run.workdir, "tokenizer"))
+      tok_path = spec.tokenizer or _gguf_tokenizer(ckpt_lib, path, ec.run.workdir)
     else:
       cfg, params = ckpt_lib.load_hf(path, dtype=spec.param_dtype)
       tok_path = spec.tokenizer or path
     return cfg.replace(**numerics), params, tok_lib.load_tokenizer(tok_path)
   raise ValueError(f"--init={spec.init!r}: must be warmstart, random or checkpoint")
+
+
+def _gguf_tokenizer(ckpt_lib, path: str, workdir: str) -> str:
+  """Exports a GGUF's tokenizer to <workdir>/tokenizer; returns the tokenizer.json path. For a
+  remote workdir (gs://...) the export goes to a local temporary folder (the tokenizers package
+  reads local files), is copied there, and the local path is returned."""
+  out = os.path.join(workdir, "tokenizer")
+  if not paths.is_remote(workdir):
+    return ckpt_lib.tokenizer_from_gguf(path, out)
+  local = tempfile.mkdtemp(prefix="brpo_tokenizer_")
+  tok_path = ckpt_lib.tokenizer_from_gguf(path, local)
+  epath.Path(out).mkdir(parents=True, exist_ok=True)
+  for name in os.listdir(local):
+    with open(os.path.join(local, name), "rb") as f:
+      epath.Path(out, name).write_bytes(f.read())
+  return tok_path
 
 
 def encode_prompts(examples: Sequence[data_lib.Example], tokenizer, template: str,

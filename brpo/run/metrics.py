@@ -5,12 +5,19 @@ scalars, and the end-of-run table.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from brpo.run import evaluation
+from brpo.run import paths
+
+log = logging.getLogger("brpo")
 
 
 class MetricsWriter:
@@ -19,25 +26,38 @@ class MetricsWriter:
   `resume_step`: the step of the checkpoint a resumed run restored. TensorBoard then drops the
   earlier files' events from that step on (they will be redone); call `truncate_after` for the
   JSONL file.
+
+  A remote workdir (gs://...) goes through etils.epath: each metrics.jsonl write rewrites the
+  whole object (object stores have no reliable append; one object write is atomic), and
+  TensorBoard writes its events to a local temporary folder copied to <workdir>/tb at each
+  flush.
   """
 
   def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir, "metrics.jsonl")
+    self.remote = paths.is_remote(workdir)
     self.tb = None
+    self._tb_dir = epath.Path(workdir, "tb")
+    self._tb_local = None
     if enabled:
       from tensorboardX import SummaryWriter
 
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"),
+      logdir = os.fspath(self._tb_dir)
+      if self.remote:
+        self._tb_local = tempfile.mkdtemp(prefix="brpo_tb_")
+        logdir = self._tb_local
+        log.info("TensorBoard events go to %s and are copied to %s", logdir, self._tb_dir)
+      self.tb = SummaryWriter(logdir,
                               purge_step=None if resume_step is None else resume_step + 1)
 
   def truncate_after(self, step: int) -> list[dict[str, Any]]:
     """On resume: drops the lines of steps after the restored checkpoint (they will be redone)
     and a last line cut short by a kill. Returns the records kept."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not self.path.exists():
       return []
     kept = []
-    with open(self.path) as f:
+    with self.path.open("r") as f:
       for line in f:
         try:
           record = json.loads(line)
@@ -47,25 +67,41 @@ class MetricsWriter:
           break
         if record["step"] <= step:
           kept.append(record)
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-    os.replace(tmp, self.path)
+    paths.write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
     return kept
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+    line = json.dumps({"step": step, **metrics}, sort_keys=True) + "\n"
+    if self.remote:
+      self.path.write_text((self.path.read_text() if self.path.exists() else "") + line)
+    else:
+      with self.path.open("a") as f:
+        f.write(line)
     for k, v in metrics.items():
       if isinstance(v, (int, float)) and np.isfinite(v):
         self.tb.add_scalar(k.replace("@", "_"), v, step)  # TensorBoard names allow no "@"
     self.tb.flush()
+    self._sync_tb()
+
+  def _sync_tb(self):
+    """Copies the local TensorBoard event files of a remote workdir to <workdir>/tb."""
+    if self._tb_local is None:
+      return
+    self._tb_dir.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(self._tb_local):
+      with open(os.path.join(self._tb_local, name), "rb") as f:
+        (self._tb_dir / name).write_bytes(f.read())
 
   def close(self):
     if self.tb is not None:
       self.tb.close()
+      self.tb = None
+      self._sync_tb()
+    if self._tb_local is not None:
+      shutil.rmtree(self._tb_local, ignore_errors=True)
+      self._tb_local = None
 
 
 

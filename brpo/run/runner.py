@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 import tqdm
+from etils import epath
 
 from brpo.rollout import anytime as at
 from brpo.tasks import data as data_lib
@@ -55,7 +56,7 @@ class Run:
     self.ec = ec
     run = ec.run
     self.is_main = jax.process_index() == 0
-    os.makedirs(run.workdir, exist_ok=True)
+    epath.Path(run.workdir).mkdir(parents=True, exist_ok=True)  # a local folder or gs://...
     try:
       self.mesh = shd.make_mesh(run.mesh)
     except ValueError as e:
@@ -161,8 +162,7 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
   writer = MetricsWriter(run.workdir, enabled=r.is_main, resume_step=start)
   history = [h for h in writer.truncate_after(start) if "loss" in h]
   if r.is_main:
-    with open(os.path.join(run.workdir, "config.json"), "w") as f:
-      f.write(ec.to_json())
+    epath.Path(run.workdir, "config.json").write_text(ec.to_json())
   bad_streak = 0
   # wall_s counts on from the restored step's value, so that it stays a run's total time.
   t_start = time.time() - (history[-1]["wall_s"] if history else 0.0)
@@ -232,7 +232,7 @@ def _trained_params(r: Run, ec: ExperimentConfig):
   """(params, step): the workdir's latest checkpoint if any, else the initial model (step None)."""
   params, step = r.params, None
   ckdir = os.path.join(ec.run.workdir, "checkpoints")
-  if os.path.isdir(ckdir):
+  if epath.Path(ckdir).is_dir():
     ckpt = Checkpointer(ckdir)
     if ckpt.latest_step() is not None:
       # The saved state's tree depends on the saved run's optimizer: rebuild its template.
@@ -314,7 +314,7 @@ def check_workdir(ec: ExperimentConfig) -> None:
   Only reads: the checkpoint and every other file of the workdir stay as they are.
   """
   directory = os.path.join(ec.run.workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     return
   ckpt = Checkpointer(directory)
   try:

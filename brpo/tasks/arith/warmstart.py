@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -21,6 +22,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
+from etils import epath
 
 from brpo.tasks.arith import task as arith
 from brpo.tasks.data import DataIterator, Example, dedup_train_eval
@@ -201,33 +203,57 @@ def _differences(saved: Any, wanted: Any, prefix: str = "") -> list[str]:
   return [] if saved == wanted else [f"{prefix[:-1]}={saved!r} there, {wanted!r} requested"]
 
 
+# A gs://... (s3://...) directory goes through etils.epath as it is; a local one is made absolute
+# (orbax needs absolute local paths). (brpo/run/paths.py does the same; tasks do not import run.)
+def _is_remote(path: str) -> bool:
+  return "://" in os.fspath(path)
+
+
+def _resolve(path: str) -> str:
+  return path if _is_remote(path) else os.path.abspath(path)
+
+
 def save(directory: str, cfg: ModelConfig, params: Params, ws: WarmStartConfig,
          results: dict[str, Any] | None = None) -> None:
   """Writes params (orbax, under <dir>/params) and then the settings JSON, which marks the
   checkpoint complete. The tokenizer is expected at <dir>/tokenizer.model already."""
-  directory = os.path.abspath(directory)
+  directory = _resolve(directory)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, PARAMS_DIR), params, force=True)
   ckptr.wait_until_finished()
   ckptr.close()
   doc = dict(_settings(cfg, ws), tokenizer=TOKENIZER_FILE, results=results or {})
-  tmp = os.path.join(directory, SETTINGS_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(doc, f, indent=1)
-  os.replace(tmp, os.path.join(directory, SETTINGS_FILE))
+  settings = epath.Path(directory, SETTINGS_FILE)
+  if _is_remote(directory):  # one object write: atomic on an object store
+    settings.write_text(json.dumps(doc, indent=1))
+  else:
+    tmp = settings.with_name(SETTINGS_FILE + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(settings)
+
+
+def _local_copy(path: str) -> str:
+  """`path` when local; a remote file (gs://...) copied to a local temporary file (sentencepiece
+  reads local files only)."""
+  if not _is_remote(path):
+    return path
+  local = os.path.join(tempfile.mkdtemp(prefix="brpo_warmstart_"), os.path.basename(path))
+  with open(local, "wb") as f:
+    f.write(epath.Path(path).read_bytes())
+  return local
 
 
 def load(directory: str) -> tuple[ModelConfig, Params, tok_lib.SentencePieceTokenizer,
                                   dict[str, Any]]:
   """Reads a saved warm start -> (cfg, params, tokenizer, the settings JSON)."""
-  directory = os.path.abspath(directory)
-  path = os.path.join(directory, SETTINGS_FILE)
-  if not os.path.isfile(path):
+  directory = _resolve(directory)
+  path = epath.Path(directory, SETTINGS_FILE)
+  if not path.is_file():
     raise FileNotFoundError(f"{directory} holds no warm start ({SETTINGS_FILE} is missing)")
-  with open(path) as f:
-    doc = json.load(f)
+  doc = json.loads(path.read_text())
   cfg = ModelConfig(**doc["model_config"])
-  tokenizer = tok_lib.SentencePieceTokenizer(os.path.join(directory, doc["tokenizer"]))
+  tokenizer = tok_lib.SentencePieceTokenizer(
+      _local_copy(os.path.join(directory, doc["tokenizer"])))
   # Onto this process's first device: with several processes the saved layout (process 0's
   # device) is not one that every process can address.
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -254,13 +280,12 @@ def warm_start(directory: str, ws: WarmStartConfig = WarmStartConfig(),
   """
   if ws.stop_accuracy > 0 and held_out_accuracy is None:
     raise ValueError("a warm start with stop_accuracy > 0 needs a held_out_accuracy function")
-  directory = os.path.abspath(directory)
+  directory = _resolve(directory)
   tok_path = os.path.join(directory, TOKENIZER_FILE)
   settings_path = os.path.join(directory, SETTINGS_FILE)
-  if os.path.isfile(settings_path):
-    with open(settings_path) as f:
-      saved = json.load(f)
-    tokenizer = tok_lib.SentencePieceTokenizer(tok_path)
+  if epath.Path(settings_path).is_file():
+    saved = json.loads(epath.Path(settings_path).read_text())
+    tokenizer = tok_lib.SentencePieceTokenizer(_local_copy(tok_path))
     cfg = get_config(ws.model, vocab_size=tokenizer.vocab_size, **(model_overrides or {}))
     saved_model = {k: v for k, v in (saved.get("model_config") or {}).items()
                    if k not in _RUNTIME_FIELDS}
@@ -273,9 +298,15 @@ def warm_start(directory: str, ws: WarmStartConfig = WarmStartConfig(),
     log.info("warm start reused from %s", directory)
     return cfg, params, tokenizer
 
-  os.makedirs(directory, exist_ok=True)
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
   start = time.time()
-  tokenizer = arith.train_tokenizer(tok_path, ws.task, ws.seed)
+  if _is_remote(directory):  # sentencepiece writes and reads local files only
+    local_tok = os.path.join(tempfile.mkdtemp(prefix="brpo_warmstart_"), TOKENIZER_FILE)
+    tokenizer = arith.train_tokenizer(local_tok, ws.task, ws.seed)
+    with open(local_tok, "rb") as f:
+      epath.Path(tok_path).write_bytes(f.read())
+  else:
+    tokenizer = arith.train_tokenizer(tok_path, ws.task, ws.seed)
   cfg = get_config(ws.model, vocab_size=tokenizer.vocab_size, **(model_overrides or {}))
   examples = arith.generate(ws.n_train, arith.split_seed("train", ws.seed), ws.task,
                             prefix="arith-train")

@@ -1,0 +1,35 @@
+"""Workdir paths through `etils.epath` (as orbax does), so that a `gs://...` (or `s3://...`)
+workdir is written to its object store instead of becoming a local folder named "gs:".
+
+Local paths keep their old behaviour (absolute paths, atomic renames); a remote path is never
+made absolute, and a file there is written as one object (atomic per object on object stores).
+"""
+
+from __future__ import annotations
+
+import os
+
+from etils import epath
+
+
+def is_remote(path: epath.PathLike) -> bool:
+  """Whether `path` is a URI (gs://, s3://, ...) rather than a local path."""
+  return "://" in os.fspath(path)
+
+
+def resolve(path: epath.PathLike) -> str:
+  """The absolute path of a local `path`; a remote one as it is."""
+  path = os.fspath(path)
+  return path if is_remote(path) else os.path.abspath(path)
+
+
+def write_text(path: epath.PathLike, text: str) -> None:
+  """Writes `text` so that readers never see half of it: a temporary file renamed into place
+  locally, a single object write on an object store."""
+  path = epath.Path(path)
+  if is_remote(path):
+    path.write_text(text)
+    return
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
