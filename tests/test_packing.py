@@ -51,7 +51,8 @@ def test_packed_layout_resampled(setup):
   r = len(PROMPTS) * spec.group_size
   b = pk.pack(ro, jnp.zeros((r, 3)), jnp.ones((r, 3, 2)))
   p, bm = ro.prompt.shape[1], 16
-  w = (b.tokens.shape[1] - p - bm) // 6
+  w = b.branch_width
+  assert w == ro.cuts.insert.shape[2] + spec.summary_len
   assert not ro.reused and (np.asarray(ro.cuts.canonical) != np.arange(3)).any()
   for row in range(r):
     for c in range(6):
@@ -68,7 +69,11 @@ def test_packed_layout(setup):
   b = pk.pack(ro, tadv, sadv)
   p, bm = ro.prompt.shape[1], 16
   w = ro.cuts.insert.shape[2] + SPEC.summary_len
-  assert b.tokens.shape == (8, p + bm + 6 * w)
+  assert b.branch_width == w and b.response_len == bm + 6 * w
+  assert b.tokens.shape == (8, pk.padded_length(p + bm + 6 * w))
+  # The row is padded to the attention block: padding slots are invisible and never trained.
+  tail = slice(p + bm + 6 * w, None)
+  assert (np.asarray(b.branch[:, tail]) == -1).all() and not np.asarray(b.loss_mask[:, tail]).any()
   for r in range(8):
     n_prompt = int(ro.prompt_valid[r].sum())
     # Nothing of the prompt is trained; the thinking is trained up to its length.
