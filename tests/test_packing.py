@@ -194,8 +194,8 @@ def test_ppo_gradients_blockwise_equal_dense(setup):
   f = jax.jit(jax.value_and_grad(loss), static_argnums=1)
   (v1, g1), (v2, g2) = f(params, False), f(params, True)
   np.testing.assert_allclose(v1, v2, rtol=1e-5)
-  for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):  # float32 sums in another order
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(np.abs(y).max()))
 
 
 def test_chunked_logprobs_equal_whole_row(setup):
