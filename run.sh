@@ -2,7 +2,8 @@
 # The project's two commands:
 #   ./run.sh          create .venv if missing, install, run the embedded default (tiny CPU task)
 #   ./run.sh test     install the test set too, run the test suite
-# Other targets: ./run.sh bench (benchmarks, quick), ./run.sh ablation (issue #6 evidence run).
+# Other targets: ./run.sh bench (benchmarks, quick), ./run.sh ablation (the evidence run of
+# docs/RESULTS.md), ./run.sh seeds (the default run over 3 seeds: the README's spread).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -36,6 +37,10 @@ install() {  # install $1 (a requirements file) once per content hash
   fi
 }
 
+# XLA:CPU compiles for the host's instruction set; capping it at AVX2 keeps AVX-512 machines on
+# the same float rounding as AVX2 ones (the README's figures come from an AVX2 machine).
+export XLA_FLAGS="--xla_cpu_max_isa=AVX2 ${XLA_FLAGS:-}"
+
 target=${1:-default}
 [ $# -gt 0 ] && shift
 case "$target" in
@@ -57,8 +62,12 @@ case "$target" in
     install requirements.txt
     exec python experiments/ablation.py "$@"
     ;;
+  seeds)
+    install requirements.txt
+    exec python experiments/default_seeds.py "$@"
+    ;;
   *)
-    echo "usage: ./run.sh [test|bench|ablation] [extra args]" >&2
+    echo "usage: ./run.sh [test|bench|ablation|seeds] [extra args]" >&2
     exit 2
     ;;
 esac

@@ -1,20 +1,39 @@
-"""Decoding speed and memory: our sampler against `transformers` generate, and the shared-cache
-summary phase against re-prefilling every cut context.
+"""Decoding speed and memory: our sampler against `transformers` generate (eager and static
+cache), the memory-bandwidth roofline, finished rows that stop costing (compaction), and the
+shared-cache summary phase against re-prefilling every cut context.
 
-  python -m benchmarks.decode [--quick] [--out decode.json]
+  python -m benchmarks.decode [--quick] [--platform cpu] [--model smollm2-gguf] [--batch 32]
+      [--prompt_len 32] [--new_tokens 64] [--dtype float32] [--out decode.json]
 
-Prints tables; the last line is one JSON object with decode_speedup_vs_hf, roofline_fraction,
-summary_speedup_vs_reprefill and summary_peak_mem_ratio (all measured in this run).
+Prints tables; the last line is one JSON object with decode_speedup_vs_hf (eager and static),
+roofline_fraction, compaction_speedup, summary_speedup_vs_reprefill and summary_peak_mem_ratio
+(all measured in this run). Roofline: per decode step the parameters and the KV cache at the
+mean filled length are read once; their bytes over the step time, divided by the memory
+bandwidth measured here (a jitted reduction over a 512 MB array; on accelerators the same).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "smaller sizes, a few minutes on 2 CPU cores")
+flags.DEFINE_string("out", "", "also write the results here as JSON")
+flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu", "tpu"], "JAX platform")
+flags.DEFINE_string("model", "smollm2-gguf", "smollm2-gguf (the local SmolLM2-135M GGUF) or a "
+                    "named config of models.config (random init), e.g. qwen2.5-1.5b")
+flags.DEFINE_integer("batch", 32, "decode rows")
+flags.DEFINE_integer("prompt_len", 32, "prompt tokens")
+flags.DEFINE_integer("new_tokens", 0, "new tokens (0: 64 with --quick, else 128)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and compute dtype")
+flags.DEFINE_bool("hf", True, "measure transformers generate in the same run")
+flags.DEFINE_bool("summary", True, "measure the summary phase against re-prefill")
+flags.DEFINE_integer("compact_every", 16, "decode steps between compactions")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -38,12 +57,12 @@ def _best(fn, repeats: int) -> float:
   return min(times)
 
 
-def matmul_rate(n: int = 2048) -> float:
-  """FLOP/s of a large float32 matmul on this machine now (the roofline's denominator)."""
-  x = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  t = _best(lambda: f(x).block_until_ready(), 3)
-  return 2 * n ** 3 / t
+def memory_bandwidth(mb: int = 512) -> float:
+  """Bytes/s of a jitted reduction that reads `mb` MB once (the roofline's denominator)."""
+  x = jnp.ones((mb * 2 ** 20 // 4,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  t = _best(lambda: f(x).block_until_ready(), 5)
+  return x.nbytes / t
 
 
 def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -51,14 +70,19 @@ def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[in
   return [rng.integers(100, vocab - 100, size=length).tolist() for _ in range(batch)]
 
 
+def step_bytes(cfg, params, batch: int, filled: float) -> float:
+  """Bytes one decode step must read: all parameters, and K and V of `filled` slots per row."""
+  p = sum(x.nbytes for x in jax.tree.leaves(params))
+  kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+  return p + batch * filled * kv
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Decode throughput against transformers.
 
 
-def decode_throughput(batch: int, new_tokens: int, prompt_len: int, repeats: int,
-                      params, cfg, hf_model) -> dict[str, float]:
-  import torch
-
+def decode_throughput(batch: int, new_tokens: int, prompt_len: int, repeats: int, params, cfg,
+                      hf_model, bandwidth: float) -> dict[str, float]:
   prompts = _prompts(batch, prompt_len, cfg.vocab_size)
 
   def ours():
@@ -66,21 +90,51 @@ def decode_throughput(batch: int, new_tokens: int, prompt_len: int, repeats: int
     out.tokens.block_until_ready()
 
   t_ours = _best(ours, repeats)
-  ids = torch.tensor(prompts)
-  attn = torch.ones_like(ids)
-
-  def theirs():
-    with torch.no_grad():
-      hf_model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-
-  t_hf = _best(theirs, repeats)
   tokens = batch * new_tokens
-  # Model FLOPs of a generated token, attending to the prompt plus half the new tokens on average.
-  flops = cfg.flops_per_token(context=prompt_len + new_tokens // 2)
-  return {"batch": batch, "new_tokens": new_tokens, "ours_tok_s": tokens / t_ours,
-          "hf_tok_s": tokens / t_hf, "ours_s": t_ours, "hf_s": t_hf,
-          "ours_flops": flops * tokens / t_ours, "hf_flops": flops * tokens / t_hf}
+  # Mean filled length over the steps: the prompt plus half the new tokens.
+  per_step = step_bytes(cfg, params, batch, prompt_len + new_tokens / 2)
+  r = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+       "ours_tok_s": tokens / t_ours, "ours_s": t_ours,
+       "roofline": per_step * new_tokens / t_ours / bandwidth}
+  if hf_model is not None:
+    import torch
+
+    ids = torch.tensor(prompts)
+    attn = torch.ones_like(ids)
+    for name, extra in [("hf", {}), ("hf_static", {"cache_implementation": "static"})]:
+      def theirs():
+        with torch.no_grad():
+          hf_model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
+      t = _best(theirs, repeats)
+      r[f"{name}_tok_s"], r[f"{name}_s"] = tokens / t, t
+      r[f"{name}_roofline"] = per_step * new_tokens / t / bandwidth
+  return r
+
+
+# ---------------------------------------------------------------------------------------------
+# 1b. Finished rows stop costing: lognormal per-row lengths, one loop against compaction.
+
+
+def compaction(params, cfg, batch: int, prompt_len: int, new_tokens: int, every: int,
+               repeats: int, seed: int = 0) -> dict[str, float]:
+  """Random-init models never stop, so each row gets a forced length: lognormal with median
+  new_tokens / 4 and sigma 1, clipped to [1, new_tokens] (a long tail, as thinkings have)."""
+  rng = np.random.default_rng(seed)
+  limit = np.clip(np.round(rng.lognormal(np.log(new_tokens / 4), 1.0, batch)), 1,
+                  new_tokens).astype(np.int32)
+  prompts = _prompts(batch, prompt_len, cfg.vocab_size, 3)
+  res = {"batch": batch, "new_tokens": new_tokens, "every": every,
+         "mean_len": float(limit.mean()), "max_len": int(limit.max())}
+  for name, kw in [("one_loop", {}), ("compact", {"compact_every": every})]:
+    def run():
+      out = smp.sample(params, cfg, prompts, new_tokens, smp.Greedy(), pad_id=0, limit=limit,
+                       write_last=True, **kw)
+      out.tokens.block_until_ready()
+    t = _best(run, repeats)
+    res[f"{name}_s"], res[f"{name}_tok_s"] = t, float(limit.sum()) / t
+  res["speedup"] = res["one_loop_s"] / res["compact_s"]
+  return res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,72 +203,107 @@ def summary_phase(params, cfg, rows: int, b_max: int, m: int, a: int, s: int, pr
           "mem_ratio": mem_ours / mem_plain}
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--quick", action="store_true", help="smaller sizes, under ~3 minutes")
-  ap.add_argument("--out", default="", help="also write the results here as JSON")
-  args = ap.parse_args()
+def hf_model_for(cfg, gguf_path: str | None):
+  """The transformers model of the same shape: the GGUF itself, or a random-init Llama/Qwen2."""
   import torch
   import transformers
 
+  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.param_dtype]
+  if gguf_path:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), torch_dtype=dtype)
+  else:
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+                  num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                  num_key_value_heads=cfg.n_kv_heads, intermediate_size=cfg.mlp_dim,
+                  rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_eps,
+                  tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=cfg.max_seq_len)
+    c = (transformers.Qwen2Config(**common) if cfg.family == "qwen2"
+         else transformers.LlamaConfig(head_dim=cfg.head_dim, **common))
+    hf = transformers.AutoModelForCausalLM.from_config(c, torch_dtype=dtype)
+  return hf.eval()
+
+
+def main(argv):
+  del argv
+  jax.config.update("jax_platforms", FLAGS.platform)
   from models import checkpoint
 
-  torch.set_num_threads(os.cpu_count() or 1)
-  rate = matmul_rate()
-  print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPU threads; "
-        f"float32 matmul 2048^3: {rate / 1e9:.1f} GFLOP/s")
-  path = checkpoint.smollm2_gguf_path()
-  cfg, params = checkpoint.load_gguf(path)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32)
-  hf.eval()
-  results: dict[str, object] = {"matmul_gflops": rate / 1e9}
-  batches = [32] if args.quick else [32, 128]
-  rows = []
-  for b in batches:
-    r = decode_throughput(b, 128 if not args.quick else 64, 32, 1 if args.quick else 2,
-                          params, cfg, hf)
-    rows.append(r)
-  print("\ndecode throughput, SmolLM2-135M float32, greedy, prompt 32 tokens")
-  print(f"{'batch':>5} {'new':>4} {'ours tok/s':>10} {'hf tok/s':>9} {'speedup':>7} "
-        f"{'ours roofline':>13} {'hf roofline':>11}")
-  for r in rows:
-    print(f"{r['batch']:>5} {r['new_tokens']:>4} {r['ours_tok_s']:10.1f} {r['hf_tok_s']:9.1f} "
-          f"{r['ours_tok_s'] / r['hf_tok_s']:7.2f} {r['ours_flops'] / rate:13.3f} "
-          f"{r['hf_flops'] / rate:11.3f}")
-  results["decode"] = rows
+  quick = FLAGS.quick
+  new_tokens = FLAGS.new_tokens or (64 if quick else 128)
+  repeats = 1 if quick else 2
+  if FLAGS.hf:
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+  bw = memory_bandwidth()
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  print(f"device: {jax.devices()[0].device_kind} ({FLAGS.platform}), {os.cpu_count()} CPU "
+        f"threads, load average {load:.1f}; memory bandwidth (512 MB reduction): "
+        f"{bw / 1e9:.1f} GB/s")
+  gguf = None
+  if FLAGS.model == "smollm2-gguf":
+    gguf = checkpoint.smollm2_gguf_path()
+    cfg, params = checkpoint.load_gguf(gguf, FLAGS.dtype)
+    cfg = cfg.replace(dtype=FLAGS.dtype)
+  else:
+    cfg = config_lib.get_config(FLAGS.model, dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
+    params = dec.init_params(cfg, jax.random.PRNGKey(0))
+  hf = hf_model_for(cfg, gguf) if FLAGS.hf and FLAGS.platform == "cpu" else None
+  results: dict[str, object] = {"memory_gb_s": bw / 1e9, "load_average": load,
+                                "model": FLAGS.model, "dtype": FLAGS.dtype,
+                                "platform": FLAGS.platform}
+  r = decode_throughput(FLAGS.batch, new_tokens, FLAGS.prompt_len, repeats, params, cfg, hf, bw)
+  results["decode"] = [r]
+  print(f"\ndecode throughput, {FLAGS.model} {FLAGS.dtype}, greedy, batch {FLAGS.batch}, "
+        f"prompt {FLAGS.prompt_len}, {new_tokens} new tokens")
+  print(f"{'engine':>22} {'tok/s':>9} {'roofline':>8} {'ours / it':>9}")
+  print(f"{'ours (filled-only)':>22} {r['ours_tok_s']:9.1f} {r['roofline']:8.3f} {1:9.2f}")
+  for name, label in [("hf", "transformers eager"), ("hf_static", "transformers static")]:
+    if f"{name}_tok_s" in r:
+      print(f"{label:>22} {r[name + '_tok_s']:9.1f} {r[name + '_roofline']:8.3f} "
+            f"{r['ours_tok_s'] / r[name + '_tok_s']:9.2f}")
   del hf
-  tiny = config_lib.get_config("tiny", vocab_size=512)
-  tiny_params = dec.init_params(tiny, jax.random.PRNGKey(0))
-  sums = []
-  shapes = [("tiny", tiny, tiny_params, 16 if not args.quick else 8)]
-  shapes.append(("smollm2-135m", cfg, params, 2 if not args.quick else 1))
-  for name, c, p, n_rows in shapes:
-    r = summary_phase(p, c, n_rows, 512, 4, 4, 32, 32, 1 if args.quick else 2)
-    r["model"] = name
-    sums.append(r)
-  print("\nsummary phase: m=4, A=4, b_max=512, S=32, every cut a running cut")
-  print(f"{'model':>13} {'rows':>4} {'branches':>8} {'shared s':>8} {'reprefill s':>11} "
-        f"{'speedup':>7} {'shared MB':>9} {'reprefill MB':>12} {'mem ratio':>9}")
-  for r in sums:
-    print(f"{r['model']:>13} {r['rows']:>4} {r['branches']:>8} {r['shared_s']:8.2f} "
-          f"{r['reprefill_s']:11.2f} {r['speedup']:7.2f} {r['shared_mem_mb']:9.1f} "
-          f"{r['reprefill_mem_mb']:12.1f} {r['mem_ratio']:9.3f}")
-  results["summary_phase"] = sums
-  head = rows[0]
-  summary = {
-      "decode_speedup_vs_hf": head["ours_tok_s"] / head["hf_tok_s"],
-      "roofline_fraction": head["ours_flops"] / rate,
-      "hf_roofline_fraction": head["hf_flops"] / rate,
-      "summary_speedup_vs_reprefill": min(r["speedup"] for r in sums),
-      "summary_peak_mem_ratio": max(r["mem_ratio"] for r in sums),
-  }
+  c = compaction(params, cfg, FLAGS.batch, FLAGS.prompt_len, 2 * new_tokens,
+                 FLAGS.compact_every, repeats)
+  results["compaction"] = c
+  print(f"\nfinished rows stop costing: batch {c['batch']}, lognormal lengths (mean "
+        f"{c['mean_len']:.0f}, max {c['max_len']} of {c['new_tokens']}), compaction every "
+        f"{c['every']} steps")
+  print(f"{'one loop tok/s':>14} {'compacted tok/s':>15} {'speedup':>7}")
+  print(f"{c['one_loop_tok_s']:14.1f} {c['compact_tok_s']:15.1f} {c['speedup']:7.2f}")
+  summary = {"decode_tok_s": r["ours_tok_s"], "roofline_fraction": r["roofline"],
+             "compaction_speedup": c["speedup"]}
+  if "hf_tok_s" in r:
+    summary["decode_speedup_vs_hf"] = r["ours_tok_s"] / r["hf_tok_s"]
+    summary["decode_speedup_vs_hf_static"] = r["ours_tok_s"] / r["hf_static_tok_s"]
+    summary["hf_roofline_fraction"] = r["hf_roofline"]
+  if FLAGS.summary:
+    tiny = config_lib.get_config("tiny", vocab_size=512)
+    tiny_params = dec.init_params(tiny, jax.random.PRNGKey(0))
+    sums = []
+    shapes = [("tiny", tiny, tiny_params, 16 if not quick else 8)]
+    shapes.append((FLAGS.model, cfg, params, 2 if not quick else 1))
+    for name, c_, p, n_rows in shapes:
+      s = summary_phase(p, c_, n_rows, 512, 4, 4, 32, 32, repeats)
+      s["model"] = name
+      sums.append(s)
+    print("\nsummary phase: m=4, A=4, b_max=512, S=32, every cut a running cut")
+    print(f"{'model':>13} {'rows':>4} {'branches':>8} {'shared s':>8} {'reprefill s':>11} "
+          f"{'speedup':>7} {'shared MB':>9} {'reprefill MB':>12} {'mem ratio':>9}")
+    for s in sums:
+      print(f"{s['model'][:13]:>13} {s['rows']:>4} {s['branches']:>8} {s['shared_s']:8.2f} "
+            f"{s['reprefill_s']:11.2f} {s['speedup']:7.2f} {s['shared_mem_mb']:9.1f} "
+            f"{s['reprefill_mem_mb']:12.1f} {s['mem_ratio']:9.3f}")
+    results["summary_phase"] = sums
+    summary["summary_speedup_vs_reprefill"] = min(s["speedup"] for s in sums)
+    summary["summary_peak_mem_ratio"] = max(s["mem_ratio"] for s in sums)
   results["summary"] = summary
-  if args.out:
-    with open(args.out, "w") as f:
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
       json.dump(results, f, indent=1)
+  sys.stdout.flush()
   print(json.dumps(summary))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

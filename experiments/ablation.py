@@ -51,7 +51,7 @@ flags.DEFINE_string("data_dir", "data", "Data folder of the real-data run (relat
                     "repository root; experiments/prepare_data.py writes it).")
 flags.DEFINE_bool("report_only", False, "Only rewrite the report from the JSON files.")
 NAMES = ("runs", "seeds", "steps", "out", "report", "eval_every", "eval_periodic_size", "extra",
-         "variance_prompts", "skip_real", "parts", "real_steps", "report_only")
+         "variance_prompts", "skip_real", "parts", "real_steps", "report_only", "data_dir")
 
 
 def _args() -> types.SimpleNamespace:

@@ -7,24 +7,26 @@ Each argument is an eval.json (or a workdir holding one); the legend uses the wo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from brpo.run import evaluation  # noqa: E402
+from brpo.run import evaluation
+
+flags.DEFINE_string("out", "accuracy.png", "The PNG to write.")
+flags.DEFINE_string("title", "", "Figure title.")
+FLAGS = flags.FLAGS
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("evals", nargs="+", help="eval.json files or workdirs")
-  ap.add_argument("--out", default="accuracy.png")
-  ap.add_argument("--title", default="")
-  args = ap.parse_args(argv)
+def main(argv: Sequence[str]) -> None:
+  paths = argv[1:]
+  if not paths:
+    sys.exit("plot.py: error: give one or more eval.json files or workdirs")
   results = {}
-  for path in args.evals:
+  for path in paths:
     if os.path.isdir(path):
       path = os.path.join(path, "eval.json")
     try:
@@ -36,8 +38,8 @@ def main(argv=None):
     if missing:
       sys.exit(f"plot.py: error: {path}: not an eval.json (missing {', '.join(sorted(missing))})")
     results[os.path.basename(os.path.dirname(os.path.abspath(path)))] = r
-  print(evaluation.plot_accuracy(results, args.out, args.title))
+  print(evaluation.plot_accuracy(results, FLAGS.out, FLAGS.title))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

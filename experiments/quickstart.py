@@ -1,43 +1,42 @@
 # %% [markdown]
 # # Quickstart: anytime reasoning on the tiny task
 #
-# A notebook in jupytext "percent" form: open it in Jupyter/Colab as a notebook
-# (`jupytext --to notebook experiments/quickstart.py`) or run it as a script
-# (`python experiments/quickstart.py`). It loads the warm-started tiny model (training it once,
+# A notebook in "percent" form, runnable as a script (`python experiments/quickstart.py`). It
+# loads the warm-started tiny model (training it once,
 # about 2 minutes on 2 CPU cores), samples thinkings, cuts them at several budgets, forces a
 # summary at each cut, grades them, and shows the accuracy-against-budget table and plot.
 #
-# In Colab, first:
-# ```
-# !git clone <this repository> brpo && cd brpo && pip install -e . -r requirements.txt
-# %cd brpo
-# ```
+# The same notebook as `experiments/quickstart.ipynb` (generated from this file by
+# `python experiments/make_notebook.py`; a test keeps the two in sync), which opens in Colab:
+# choose a runtime (Runtime > Change runtime type: CPU is enough for the tiny model; on a GPU or
+# TPU runtime install the matching jax first, see the README), then run the install cell.
 
 # %%
+import dataclasses
 import os
-import sys
 
+# Paths in the flags are relative to the repository root: run from there (in Colab the install
+# cell below clones the repository and changes into it).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) if "__file__" in globals() \
     else os.getcwd()
-sys.path.insert(0, ROOT)
-os.chdir(ROOT)
 
 import jax  # noqa: E402
 
-from brpo.rollout import anytime as at  # noqa: E402
-from brpo.tasks import data as data_lib  # noqa: E402
-from brpo.run import evaluation
-from brpo.run import runner
-from brpo.rollout import sampling  # noqa: E402
-from brpo.run import scoring  # noqa: E402
 from brpo.grading import Grader  # noqa: E402
-from experiments import gsm_math  # noqa: E402
+from brpo.rollout import anytime as at  # noqa: E402
+from brpo.rollout import sampling  # noqa: E402
+from brpo.run import evaluation, runner, scoring  # noqa: E402
+from brpo.run import flags as flags_lib  # noqa: E402
+from brpo.tasks import data as data_lib  # noqa: E402
 
 # The embedded default's configuration; QUICKSTART_FLAGS (space separated) overrides flags, e.g.
 # a smaller warm start for a quick look.
 FLAGS = ["--flagfile=experiments/configs/tiny_cpu.flags", "--progress=false",
          *os.environ.get("QUICKSTART_FLAGS", "").split()]
-ec = gsm_math.config_from_args(FLAGS)
+ec = flags_lib.config_from_args(FLAGS, relative_to=ROOT)
+# The warm start lives under the repository root, wherever this runs from.
+ec = dataclasses.replace(ec, run=dataclasses.replace(
+    ec.run, warmstart_dir=os.path.join(ROOT, ec.run.warmstart_dir)))
 N_QUESTIONS = int(os.environ.get("QUICKSTART_QUESTIONS", "64"))
 
 # %% [markdown]
@@ -91,7 +90,7 @@ with Grader(num_workers=1) as grader:
       summary_len=ec.rl.summary_len, temperature=ec.eval.temperature, grader=grader,
       rng=jax.random.PRNGKey(1), progress=False)
 print(evaluation.budget_table(result))
-out = os.environ.get("QUICKSTART_OUT", "workdir")
+out = os.environ.get("QUICKSTART_OUT", os.path.join(ROOT, "workdir"))
 os.makedirs(out, exist_ok=True)
 plot = evaluation.plot_accuracy({"warm start": result}, os.path.join(out, "quickstart_accuracy.png"))
 print("plot:", plot)

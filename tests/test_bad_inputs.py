@@ -181,7 +181,7 @@ def test_empty_data_set(tmp_path):
 def test_missing_answer_field_in_training_data(tmp_path):
   # Training data is read before the model: no warm start is trained for a bad file.
   data = write(tmp_path / "train.jsonl", GOOD + '{"question": "What is 2+2?"}\n')
-  assert run_cli(*tiny(tmp_path, f"--train_data={data}")) == (
+  assert run_cli(*tiny(tmp_path, f"--train_data={data}", "--on_bad_record=error")) == (
       f"{data}:2: missing field 'answer'")
   assert not (tmp_path / "no_warmstart").exists()
 

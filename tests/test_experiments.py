@@ -66,3 +66,66 @@ def test_eval_mode_reads_the_checkpoint(tmp_path, tiny_warmstart_dir):
       small("ar_uniform", tmp_path, tiny_warmstart_dir, "--mode=eval")))
   assert result["step"] == 1
   assert os.path.exists(tmp_path / "eval.json")
+
+
+def test_benchmarks_mode_prints_the_paper_table(tmp_path, tiny_warmstart_dir, capsys):
+  """--mode=benchmarks: every set evaluated with one model, one JSON and plot per set, and the
+  paper's table (anytime and final per benchmark, and their average)."""
+  sets = "--eval_benchmarks=easy=arith:test:n=4,hard=arith:val:n=4"
+  ec = gsm_math.config_from_args(small("ar_uniform", tmp_path, tiny_warmstart_dir,
+                                       "--mode=benchmarks", sets))
+  summary = runner.main(ec)
+  assert list(summary["benchmarks"]) == ["easy", "hard"]
+  table = capsys.readouterr().out.strip().splitlines()[-3:]
+  assert table[0].split() == ["easy", "hard", "Avg"]
+  for line, key in zip(table[1:], ("anytime_score", "final_accuracy")):
+    label, *values = line.split()
+    want = [100 * summary["benchmarks"][n][key] for n in ("easy", "hard")]
+    assert [float(v) for v in values] == pytest.approx(
+        [round(w, 1) for w in want] + [round(sum(want) / 2, 1)], abs=0.051)
+  for name in ("easy", "hard"):
+    with open(tmp_path / f"eval_{name}.json") as f:
+      assert json.load(f)["n_questions"] == 4
+    assert os.path.getsize(tmp_path / f"accuracy_{name}.png") > 1000
+  with open(tmp_path / "benchmarks.json") as f:
+    assert json.load(f)["average"] == summary["average"]
+  with pytest.raises(ValueError, match="--eval_benchmarks: 'oops' is not name=file"):
+    gsm_math.config_from_args(small("ar_uniform", tmp_path, tiny_warmstart_dir,
+                                    "--eval_benchmarks=oops"))
+
+
+def test_rollout_in_chunks_on_the_mesh(tmp_path, tiny_warmstart_dir):
+  """--rollout_batch / --compact_every through a whole step on the 8-device mesh: the same
+  thinkings and rewards whatever the chunk size (per-row keys)."""
+  records = []
+  for i, extra in enumerate((["--rollout_batch=2"], ["--rollout_batch=4", "--compact_every=4"])):
+    workdir = tmp_path / str(i)
+    runner.main(gsm_math.config_from_args(small("ar_uniform", workdir, tiny_warmstart_dir,
+                                                "--eval_size=2", *extra)))
+    with open(workdir / "metrics.jsonl") as f:
+      records.append(json.loads(f.readline()))
+  for key in ("thinking_len", "reward", "generated_tokens", "frac_think_end"):
+    assert records[0][key] == records[1][key], key
+
+
+def test_compare_runs_finds_the_first_differing_step(tmp_path):
+  from experiments import compare_runs
+
+  def write(name, rewards, acc):
+    d = tmp_path / name
+    d.mkdir()
+    with open(d / "metrics.jsonl", "w") as f:
+      for step, r in enumerate(rewards, 1):
+        f.write(json.dumps({"step": step, "reward": r, "seconds/step": step * 0.1 + len(name)})
+                + "\n")
+    with open(d / "eval.json", "w") as f:
+      json.dump({"anytime_score": acc}, f)
+    return str(d)
+
+  a, b, c = write("a", [0.1, 0.2, 0.3], 0.5), write("bb", [0.1, 0.2, 0.3], 0.5), \
+      write("c", [0.1, 0.25, 0.3], 0.6)
+  assert compare_runs.compare(a, b) == (True, ["metrics.jsonl: 3 of 3 steps equal (timing "
+                                               "fields left out)", "eval.json: equal"])
+  same, lines = compare_runs.compare(a, c)
+  assert not same and lines == ["first differing step 2: reward 0.2 vs 0.25",
+                                "eval.json: different"]

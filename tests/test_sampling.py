@@ -207,3 +207,87 @@ def test_anytime_config_errors():
     at.AnytimeConfig(budgets=(4, 4, 8))
   with pytest.raises(ValueError, match="strictly increasing"):
     at.AnytimeConfig(budgets=(0, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue #13: filled-only attention, top-p preselection, per-row keys, chunks and compaction.
+
+
+def test_filled_attention_equals_dense(params):
+  # block=8 < the 16 + 12 cache slots: several blocks, a dynamic trip count, left padding.
+  for strategy, key in [(smp.Greedy(), None), (smp.Temperature(1.0), jax.random.PRNGKey(4))]:
+    new = smp.sample(params, CFG, PROMPTS, 12, strategy, [[63]], key, pad_id=0, block=8,
+                     prompt_length=16)
+    old = smp.sample(params, CFG, PROMPTS, 12, strategy, [[63]], key, pad_id=0, dense=True,
+                     prompt_length=16)
+    np.testing.assert_array_equal(new.tokens, old.tokens)
+    np.testing.assert_array_equal(new.lengths, old.lengths)
+    np.testing.assert_allclose(new.logprobs, old.logprobs, atol=1e-5)
+
+
+def test_filled_branches_equal_dense(params):
+  spec = at.AnytimeConfig(budgets=(3, 6, 9), group_size=2, n_summaries=2, summary_len=5)
+  kw = dict(think_strategy=smp.Temperature(1.0), summary_strategy=smp.Temperature(0.6))
+  new = at.anytime_rollout(params, CFG, PROMPTS, spec, TOKS, jax.random.PRNGKey(5), block=8, **kw)
+  old = at.anytime_rollout(params, CFG, PROMPTS, spec, TOKS, jax.random.PRNGKey(5), dense=True,
+                           **kw)
+  np.testing.assert_array_equal(new.thinking, old.thinking)
+  np.testing.assert_array_equal(new.summary, old.summary)
+  np.testing.assert_array_equal(new.summary_len, old.summary_len)
+  np.testing.assert_allclose(new.summary_logp, old.summary_logp, atol=1e-5)
+  np.testing.assert_allclose(new.thinking_logp, old.thinking_logp, atol=1e-5)
+
+
+def test_top_p_preselection_equals_sort():
+  rng = np.random.default_rng(0)
+  # Peaked rows (nucleus of a few tokens) and one flat row whose nucleus is not in the top 64.
+  logits = rng.normal(size=(64, 1000)).astype(np.float32) * rng.uniform(0.5, 8, (64, 1))
+  logits[-1] = rng.normal(size=1000) * 0.01
+  logits = jnp.asarray(logits)
+  for p, t in [(0.9, 0.6), (0.5, 1.0), (0.95, 1.0)]:
+    fast, exact = smp.TopP(p, t, k=64), smp.TopP(p, t, k=0)
+    np.testing.assert_array_equal(fast.threshold(logits[:-1] / t),
+                                  exact.threshold(logits[:-1] / t))
+    for seed in range(3):
+      key = jax.random.PRNGKey(seed)
+      np.testing.assert_array_equal(fast(key, logits[:-1]), exact(key, logits[:-1]))
+      np.testing.assert_array_equal(fast(key, logits), exact(key, logits))  # fallback path
+  # Log-probs: the fused form equals log_softmax.
+  tok = jnp.argmax(logits, -1)
+  ref = jnp.take_along_axis(jax.nn.log_softmax(logits / 0.7), tok[:, None], -1)[:, 0]
+  np.testing.assert_allclose(smp.token_logprobs(logits, tok, 0.7), ref, atol=1e-6)
+
+
+def test_chunks_and_compaction_do_not_change_rows(params):
+  spec = at.AnytimeConfig(budgets=(4, 8, 12), group_size=2, n_summaries=2, summary_len=4)
+  kw = dict(think_strategy=smp.Temperature(1.0), summary_strategy=smp.Temperature(1.0))
+  key = jax.random.PRNGKey(9)
+  whole = at.anytime_rollout(params, CFG, PROMPTS, spec, TOKS, key, rollout_batch=8, **kw)
+  parts = at.anytime_rollout(params, CFG, PROMPTS, spec, TOKS, key, rollout_batch=3, **kw)
+  packed = at.anytime_rollout(params, CFG, PROMPTS, spec, TOKS, key, compact_every=3, **kw)
+  assert len(set(np.asarray(whole.thinking_len).tolist())) > 1  # rows stop at different steps
+  for other in (parts, packed):
+    for f in ("thinking", "thinking_len", "summary", "summary_len"):
+      np.testing.assert_array_equal(getattr(other, f), getattr(whole, f), err_msg=f)
+    np.testing.assert_allclose(other.thinking_logp, whole.thinking_logp, atol=1e-5)
+    np.testing.assert_allclose(other.summary_logp, whole.summary_logp, atol=1e-5)
+  with pytest.raises(ValueError, match="per-row keys"):
+    smp.sample(params, CFG, PROMPTS, 4, smp.Temperature(1.0), rng=key, pad_id=0,
+               compact_every=2)
+
+
+def test_compaction_with_row_limits(params):
+  # Per-row limits stand in for stop tokens; the cache of every row must come back complete.
+  keys = smp.row_keys(jax.random.PRNGKey(2), np.arange(4))
+  limit = np.array([2, 11, 5, 3])
+  kw = dict(pad_id=0, limit=limit, write_last=True, return_state=True)
+  one, s1 = smp.sample(params, CFG, PROMPTS, 11, smp.Temperature(1.0), rng=keys, **kw)
+  comp, s2 = smp.sample(params, CFG, PROMPTS, 11, smp.Temperature(1.0), rng=keys,
+                        compact_every=2, min_bucket=1, **kw)
+  np.testing.assert_array_equal(one.lengths, limit)
+  np.testing.assert_array_equal(comp.tokens, one.tokens)
+  np.testing.assert_allclose(comp.logprobs, one.logprobs, atol=1e-5)
+  p = s1.cache.length - 11
+  for r, n in enumerate(limit):
+    np.testing.assert_allclose(s2.cache.k[1][r, :p + n], s1.cache.k[1][r, :p + n], atol=1e-5)
+  assert smp.bucket_rows(3, 64) == 8 and smp.bucket_rows(9, 64) == 16 and smp.bucket_rows(9, 12) == 12

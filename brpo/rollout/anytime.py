@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from brpo.rollout import sampling
+from models import attention as attn
 from models import decoder as dec
 from models.config import ModelConfig
 from models.tokenizer import Tokenizer
@@ -156,7 +157,8 @@ def compute_cuts(thinking_len, thinking_end, budgets, toks: AnytimeTokens) -> Cu
 
 
 def branch_attention(q, k_new, v_new, trunk_k, trunk_v, trunk_mask, br_k, br_v, step):
-  """One decode step of C branches per row against their parent's trunk cache and their own.
+  """One decode step of C branches per row against their parent's trunk cache and their own,
+  reading every trunk slot (the dense reference of `branch_attention_filled`).
 
   q: [R, C, H, Dh]; k_new, v_new: [R, C, K, Dh]; trunk_k/v: [R, Tt, K, Dh] (read in place, never
   copied per branch); trunk_mask: [R, C, Tt]; br_k/v: [R, C, W, K, Dh]; step: the branch slot of
@@ -164,8 +166,7 @@ def branch_attention(q, k_new, v_new, trunk_k, trunk_v, trunk_mask, br_k, br_v, 
   """
   r, c, h, dh = q.shape
   kh = k_new.shape[2]
-  br_k = jax.lax.dynamic_update_slice_in_dim(br_k, k_new[:, :, None].astype(br_k.dtype), step, 2)
-  br_v = jax.lax.dynamic_update_slice_in_dim(br_v, v_new[:, :, None].astype(br_v.dtype), step, 2)
+  br_k, br_v = _write_branch(br_k, br_v, k_new, v_new, step)
   qg = q.reshape(r, c, kh, h // kh, dh)
   scale = dh ** -0.5
   s_trunk = jnp.einsum("rckgd,rtkd->rckgt", qg, trunk_k,
@@ -182,6 +183,40 @@ def branch_attention(q, k_new, v_new, trunk_k, trunk_v, trunk_mask, br_k, br_v, 
   return o.reshape(r, c, h, dh), br_k, br_v
 
 
+def _write_branch(br_k, br_v, k_new, v_new, step):
+  br_k = jax.lax.dynamic_update_slice_in_dim(br_k, k_new[:, :, None].astype(br_k.dtype), step, 2)
+  br_v = jax.lax.dynamic_update_slice_in_dim(br_v, v_new[:, :, None].astype(br_v.dtype), step, 2)
+  return br_k, br_v
+
+
+def branch_attention_filled(q, k_new, v_new, trunk_k, trunk_v, start, trunk_end, br_k, br_v,
+                            step, *, block: int = 256):
+  """`branch_attention` reading only the trunk blocks below the longest cut of the batch.
+
+  start: [R] first visible trunk slot; trunk_end: [R, C] a branch sees trunk slots
+  [start, trunk_end) (prompt + cut). The trunk part is `models.attention.decode_attention` over
+  the filled blocks with the C branches of a row as its C queries (the parent cache is read once
+  per row, not per branch); the branch's own slots [0, step] are a small dense block; the two
+  partial softmaxes are merged (`merge_partials`), which is one softmax over both key sets.
+  """
+  r, c, h, dh = q.shape
+  kh = k_new.shape[2]
+  br_k, br_v = _write_branch(br_k, br_v, k_new, v_new, step)
+  o_t, lse_t = attn.decode_attention(q, trunk_k, trunk_v, start, jnp.max(trunk_end, axis=1),
+                                     query_slot=trunk_end - 1, block=block, return_lse=True)
+  qg = q.reshape(r, c, kh, h // kh, dh)
+  s = jnp.einsum("rckgd,rcskd->rckgs", qg, br_k, preferred_element_type=jnp.float32)
+  s = jnp.where(jnp.arange(br_k.shape[2]) <= step, s * dh ** -0.5, dec.NEG_INF)
+  m = jnp.max(s, axis=-1)
+  p = jnp.exp(s - m[..., None])
+  l = jnp.sum(p, axis=-1)
+  o_own = jnp.einsum("rckgs,rcskd->rckgd", p.astype(br_v.dtype), br_v,
+                     preferred_element_type=jnp.float32) / l[..., None]
+  lse_own = (m + jnp.log(l)).reshape(r, c, h)
+  o = attn.merge_partials(o_t, lse_t, o_own.reshape(r, c, h, dh).astype(q.dtype), lse_own)
+  return o, br_k, br_v
+
+
 @flax.struct.dataclass
 class BranchState:
   k: tuple[jax.Array, ...]  # L x [R, C, W, K, Dh]
@@ -195,10 +230,10 @@ class BranchState:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "prompt_len", "summary_len", "strategy",
-                                             "eos_id", "pad_id"))
+                                             "eos_id", "pad_id", "dense", "block"))
 def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_prompt, cut_len,
                     insert, insert_len, active, rng, *, prompt_len: int, summary_len: int,
-                    strategy, eos_id: int, pad_id: int):
+                    strategy, eos_id: int, pad_id: int, dense: bool = False, block: int = 256):
   """Decodes C branches per row, each reading its parent's trunk cache up to its own cut.
 
   Args:
@@ -207,6 +242,9 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
     start: [R] first valid prompt slot; n_prompt: [R] valid prompt tokens.
     cut_len: [R, C] thinking tokens the branch sees; insert: [R, C, I]; insert_len: [R, C].
     active: [R, C] bool; inactive branches generate nothing (shared cuts are decoded once).
+    rng: one key, or per-branch keys [R, C, 2] (step k draws with fold_in(key, k)).
+    dense: read every trunk slot under a mask (the reference) instead of only the blocks below
+      the longest cut (`branch_attention_filled`).
   Returns:
     (tokens [R, C, W], logp [R, C, W], gen_len [R, C]) with the summary at slots
     [insert_len, insert_len + gen_len).
@@ -215,8 +253,11 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
   w = n_ins + summary_len
   # The trunk is [prompt (P slots, left-padded) | thinking]; a branch sees [start, P + cut).
   slots = jnp.arange(trunk.length)
+  trunk_end = prompt_len + cut_len
   trunk_mask = (slots[None, None] >= start[:, None, None]) & (
-      slots[None, None] < (prompt_len + cut_len)[..., None])
+      slots[None, None] < trunk_end[..., None]) if dense else None
+  if sampling.per_row(rng):
+    rng = rng.reshape(r * c, *rng.shape[2:])
   dtype = trunk.k[0].dtype
   zeros = lambda: tuple(jnp.zeros((r, c, w, cfg.n_kv_heads, cfg.head_dim), dtype)
                         for _ in range(cfg.n_layers))
@@ -236,14 +277,18 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
 
     def attend(q, kn, vn, layer):
       tk, tv, bk, bv = layer
-      o, bk, bv = branch_attention(q, kn, vn, tk, tv, trunk_mask, bk, bv, k)
+      if dense:
+        o, bk, bv = branch_attention(q, kn, vn, tk, tv, trunk_mask, bk, bv, k)
+      else:
+        o, bk, bv = branch_attention_filled(q, kn, vn, tk, tv, start, trunk_end, bk, bv, k,
+                                            block=block)
       return o, (tk, tv, bk, bv)
 
     layers = list(zip(trunk.k, trunk.v, s.k, s.v))
     h, new = dec.decoder(params, cfg, tok, pos, attend, layers)
     logits = dec.logits_from_hidden(params, cfg, h)  # [R, C, V]
-    rng, key = jax.random.split(s.rng)
     nxt = k + 1
+    rng, key = sampling.step_keys(s.rng, nxt)
     sampled = strategy(key, logits.reshape(r * c, -1)).reshape(r, c)
     lp = sampling.token_logprobs(logits, sampled, strategy.temperature)
     live = ~s.done & (nxt >= insert_len)
@@ -271,21 +316,24 @@ def anytime_rollout(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                     think_strategy=sampling.Temperature(1.0),
                     summary_strategy=sampling.Temperature(1.0),
                     prompt_length: int | None = None,
-                    timings: dict[str, float] | None = None) -> AnytimeRollout:
+                    timings: dict[str, float] | None = None, **kw) -> AnytimeRollout:
   """`rollout_rows` on N prompts, each repeated G times and left-padded here (one process).
+  `kw`: rollout_rows's rollout_batch, compact_every, dense, block.
 
   The run system pads and places rows across processes itself (`brpo.run.multihost`).
   """
   rows = [list(p) for p in prompts for _ in range(spec.group_size)]
   prompt, valid = sampling.pad_prompts(rows, toks.pad_id, prompt_length)
   return rollout_rows(params, cfg, prompt, valid, spec, toks, rng, think_strategy=think_strategy,
-                      summary_strategy=summary_strategy, timings=timings)
+                      summary_strategy=summary_strategy, timings=timings, **kw)
 
 
 def rollout_rows(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
                  toks: AnytimeTokens, rng, *, think_strategy=sampling.Temperature(1.0),
                  summary_strategy=sampling.Temperature(1.0),
-                 timings: dict[str, float] | None = None) -> AnytimeRollout:
+                 timings: dict[str, float] | None = None, rollout_batch: int = 0,
+                 compact_every: int = 0, dense: bool = False,
+                 block: int = 256) -> AnytimeRollout:
   """Samples one thinking per row (up to b_m tokens) and A summaries per budget.
 
   prompt, valid: [R, P] left-padded prompt rows (R = N * G: the G rows of a prompt adjacent),
@@ -293,18 +341,62 @@ def rollout_rows(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
   place by all m * A branches of its row. With spec.shared_cuts == "reuse", a budget whose cut
   equals an earlier budget's (the thinking ended before it) gets no branches of its own:
   `cuts.canonical` points to the budget whose summaries serve it. With `timings`, waits for each
-  phase and records its seconds ("thinking", "summaries").
+  phase and records its seconds ("thinking", "summaries"; summed over chunks).
+
+  rollout_batch: 0 samples all R rows in one sampler call, with one batch key per step (the
+    draws of the original sampler). n > 0 samples n rows per call (thinking and summaries; the
+    last chunk is padded), so the KV cache of only n rows is alive at once; the rows then draw
+    with per-row keys fold_in(key, global row index) (and per branch), so the result does not
+    depend on n. Single-process arrays only.
+  compact_every: decode the thinking in chunks of this many steps, moving the rows still running
+    into a smaller batch bucket between chunks (`sampling.sample_padded`); uses per-row keys
+    like rollout_batch > 0 (0 = off).
+  dense, block: attention over whole caches (the reference) / the block size of the filled-only
+    attention.
   """
+  if rollout_batch < 0 or compact_every < 0:
+    raise ValueError(f"rollout_batch={rollout_batch} and compact_every={compact_every} must be "
+                     ">= 0")
+  rng_think, rng_sum = jax.random.split(rng)
+  kw = dict(think_strategy=think_strategy, summary_strategy=summary_strategy, timings=timings,
+            compact_every=compact_every, dense=dense, block=block)
+  if timings is not None:
+    timings.update(thinking=0.0, summaries=0.0)
+  if not rollout_batch and not compact_every:
+    return _rollout_chunk(params, cfg, prompt, valid, spec, toks, rng_think, rng_sum, **kw)
+  r = prompt.shape[0]
+  n = rollout_batch or r
+  c = len(spec.budgets) * spec.n_summaries
+  ids = np.arange(-(-r // n) * n)
+  ids_row = np.minimum(ids, r - 1)  # the padding of the last chunk repeats the last row
+  prompt, valid = np.asarray(prompt)[ids_row], np.asarray(valid)[ids_row]
+  think_keys = sampling.row_keys(rng_think, ids)
+  sum_keys = jax.vmap(lambda k: sampling.row_keys(k, np.arange(c)))(
+      sampling.row_keys(rng_sum, ids))  # [R, C, 2]
+  parts = [_rollout_chunk(params, cfg, prompt[i:i + n], valid[i:i + n], spec, toks,
+                          think_keys[i:i + n], sum_keys[i:i + n], **kw)
+           for i in range(0, len(ids), n)]
+  if len(parts) == 1 and len(ids) == r:
+    return parts[0]
+  join = lambda *xs: jnp.concatenate(xs, axis=0)[:r]
+  out = jax.tree.map(join, *[p.replace(budgets=None) for p in parts])
+  return out.replace(budgets=parts[0].budgets)
+
+
+def _rollout_chunk(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
+                   toks: AnytimeTokens, rng_think, rng_sum, *, think_strategy, summary_strategy,
+                   timings, compact_every, dense, block) -> AnytimeRollout:
+  """One sampler call: the thinkings of these rows, then all their branches."""
   clock = time.perf_counter()
   a, s_len = spec.n_summaries, spec.summary_len
   m = len(spec.budgets)
-  rng_think, rng_sum = jax.random.split(rng)
   out, state = sampling.sample_padded(
       params, cfg, prompt, valid, spec.b_max, think_strategy, toks.thinking_stops, rng_think,
-      pad_id=toks.pad_id, write_last=True, return_state=True)
+      pad_id=toks.pad_id, write_last=True, return_state=True, compact_every=compact_every,
+      dense=dense, block=block)
   if timings is not None:
     jax.block_until_ready(out.tokens)
-    timings["thinking"] = time.perf_counter() - clock
+    timings["thinking"] += time.perf_counter() - clock
     clock = time.perf_counter()
   thinking_end = toks.end_kind(out.stop_reason)
   cuts = compute_cuts(out.lengths, thinking_end, spec.budgets, toks)
@@ -317,10 +409,11 @@ def rollout_rows(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
   tokens, logp, gen_len = decode_branches(
       params, cfg, state.cache, state.start, state.n_prompt, rep(cuts.length), rep(cuts.insert),
       rep(cuts.insert_len), active, rng_sum, prompt_len=prompt_len, summary_len=s_len,
-      strategy=summary_strategy, eos_id=toks.eos_id, pad_id=toks.pad_id)
+      strategy=summary_strategy, eos_id=toks.eos_id, pad_id=toks.pad_id, dense=dense,
+      block=block)
   if timings is not None:
     jax.block_until_ready(tokens)
-    timings["summaries"] = time.perf_counter() - clock
+    timings["summaries"] += time.perf_counter() - clock
   shape = (r, m, a)
   tokens = tokens.reshape(*shape, -1)
   logp = logp.reshape(*shape, -1)

@@ -1,9 +1,14 @@
-"""Jitted sampling: prefill, then a `lax.while_loop` decode over a static-shape KV cache.
+"""Jitted sampling: prefill, then a `lax.while_loop` decode over a static-shape KV cache that
+reads only the filled cache blocks.
 
 Strategies are small frozen dataclasses; stop conditions are token sequences (one id for
 `</think>` in R1-style vocabularies, several for models without that token). Log-probs are
 float32, at the sampling temperature (the PPO ratio's old policy). Shapes: B rows, P padded prompt
 length, N new tokens, S = P + N cache slots, V vocab.
+
+Random keys: one key (the batch is sampled with one draw per step, as it always was) or per-row
+keys [B, 2] (row b's step-i draw uses fold_in(key_b, i), so a row's sample does not depend on
+which other rows share its batch: chunked rollouts and compacted batches need this).
 """
 
 from __future__ import annotations
@@ -17,12 +22,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import attention as attn
 from models import decoder as dec
 from models import masks
 from models.config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
 # Strategies: (rng, logits [B, V] float32) -> tokens [B]. `temperature` scales the log-probs.
+# `rng` is one key, or per-row keys [B, 2] (see `draw`).
+
+
+def per_row(rng) -> bool:
+  """True when `rng` holds one key per row ([B, 2] raw or [B] typed keys)."""
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  return rng.ndim > (0 if typed else 1)
+
+
+def draw(rng, logits):
+  """A categorical draw per row from logits [B, V]: one batch key, or per-row keys."""
+  if per_row(rng):
+    return jax.vmap(lambda k, x: jax.random.categorical(k, x, axis=-1))(rng, logits)
+  return jax.random.categorical(rng, logits, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +59,7 @@ class Temperature:
   temperature: float = 1.0
 
   def __call__(self, rng, logits):
-    return jax.random.categorical(rng, logits / self.temperature, axis=-1).astype(jnp.int32)
+    return draw(rng, logits / self.temperature).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,26 +70,51 @@ class TopK:
   def __call__(self, rng, logits):
     kth = jax.lax.top_k(logits, self.k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits / self.temperature, axis=-1).astype(jnp.int32)
+    return draw(rng, logits / self.temperature).astype(jnp.int32)
+
+
+def _nucleus_threshold(sorted_logits, lse, p):
+  """The smallest kept logit of the nucleus from logits sorted descending [B, k] (k <= V) and
+  the log-normaliser of all V logits [B, 1]. Also whether the nucleus lies in these k."""
+  probs = jnp.exp(sorted_logits - lse)
+  cum = jnp.cumsum(probs, axis=-1)
+  # Keep a token when the mass strictly before it is < p (so the top token always stays).
+  n_keep = jnp.sum(cum - probs < p, axis=-1, keepdims=True)
+  fits = cum[..., -1:] >= p
+  return jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1), fits
 
 
 @dataclasses.dataclass(frozen=True)
 class TopP:
-  """Nucleus sampling: the smallest set of tokens whose probability mass reaches `p`."""
+  """Nucleus sampling: the smallest set of tokens whose probability mass reaches `p`.
+
+  The nucleus is looked for among the `k` largest logits (`lax.top_k`, no sort of the
+  vocabulary); only when it is larger than that for some row does the step fall back to a full
+  sort (`k=0`: always sort). Both find the same threshold, and then draw from the same masked
+  logits with the same key, so the samples are the same.
+  """
 
   p: float
   temperature: float = 1.0
+  k: int = 256
+
+  def threshold(self, scaled):
+    """scaled logits [B, V] -> the nucleus's smallest logit [B, 1]."""
+    m = jnp.max(scaled, axis=-1, keepdims=True)
+    lse = m + jnp.log(jnp.sum(jnp.exp(scaled - m), axis=-1, keepdims=True))
+
+    def by_sort(_):
+      return _nucleus_threshold(jnp.sort(scaled, axis=-1)[..., ::-1], lse, self.p)[0]
+
+    if not self.k or self.k >= scaled.shape[-1]:
+      return by_sort(None)
+    th, fits = _nucleus_threshold(jax.lax.top_k(scaled, self.k)[0], lse, self.p)
+    return jax.lax.cond(jnp.all(fits), lambda _: th, by_sort, None)
 
   def __call__(self, rng, logits):
     scaled = logits / self.temperature
-    sorted_logits = jnp.sort(scaled, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep a token when the mass strictly before it is < p (so the top token always stays).
-    before = jnp.cumsum(probs, axis=-1) - probs
-    n_keep = jnp.sum(before < self.p, axis=-1, keepdims=True)
-    threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
-    scaled = jnp.where(scaled < threshold, -jnp.inf, scaled)
-    return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+    scaled = jnp.where(scaled < self.threshold(scaled), -jnp.inf, scaled)
+    return draw(rng, scaled).astype(jnp.int32)
 
 
 def make_strategy(temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
@@ -87,9 +132,28 @@ def make_strategy(temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
 
 
 def token_logprobs(logits, tokens, temperature: float = 1.0):
-  """log softmax(logits / temperature) at `tokens`, in float32. logits [..., V], tokens [...]."""
-  lp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-  return jnp.take_along_axis(lp, tokens[..., None], axis=-1)[..., 0]
+  """log softmax(logits / temperature) at `tokens`, in float32. logits [..., V], tokens [...].
+
+  Written as (x_t - max) - log(sum(exp(x - max))), the same arithmetic as `jax.nn.log_softmax`,
+  but as reductions that fuse into one read of the logits: no [.., V] log-softmax is stored.
+  """
+  x = logits.astype(jnp.float32) / temperature
+  m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+  shifted_t = jnp.take_along_axis(x, tokens[..., None], axis=-1) - m
+  return (shifted_t - jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True)))[..., 0]
+
+
+def step_keys(rng, i):
+  """The keys of draw number i: per-row keys -> fold_in(key_b, i) per row; one batch key ->
+  (next batch key, this step's key) by splitting, as the sampler always did."""
+  if per_row(rng):
+    return rng, jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, i)
+  return tuple(jax.random.split(rng))
+
+
+def row_keys(rng, rows):
+  """Per-row keys [len(rows), 2] for global row indices `rows` (independent of chunking)."""
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.asarray(rows, jnp.uint32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,12 +229,19 @@ class SampleState:
   recent: jax.Array  # [B, W] the last W tokens (newest last), for stop matching
   start: jax.Array  # [B] first valid prompt slot (left padding before it)
   n_prompt: jax.Array  # [B] number of valid prompt tokens
+  limit: jax.Array  # [B] most tokens this row may generate (<= N)
   written: jax.Array  # scalar int32
-  rng: jax.Array
+  rng: jax.Array  # one key, or per-row keys [B, 2]
 
   @property
   def done(self):
     return self.stop_reason >= 0
+
+  def pending(self, write_last: bool):
+    """[B] rows that still need a decode step."""
+    if write_last:
+      return self.lengths > self.written
+    return ~self.done & (self.lengths < self.limit)
 
 
 @flax.struct.dataclass
@@ -178,15 +249,15 @@ class SampleOutput:
   tokens: jax.Array  # [B, N] int32 generated tokens, pad_id after the end
   logprobs: jax.Array  # [B, N] float32 log-probs at the sampling temperature
   lengths: jax.Array  # [B] generated tokens, the stop sequence included
-  stop_reason: jax.Array  # [B] index into stop_sequences, or -1 (hit max_new_tokens)
+  stop_reason: jax.Array  # [B] index into stop_sequences, or -1 (hit its token limit)
 
 
 def _record(state: SampleState, logits, i, strategy, stops, pad_id, n_new):
   """Samples token i (0-based) for every row still running, from logits [B, V]."""
-  rng, key = jax.random.split(state.rng)
+  rng, key = step_keys(state.rng, i)
   tok = strategy(key, logits)
   lp = token_logprobs(logits, tok, strategy.temperature)
-  live = ~state.done & (i < n_new)
+  live = ~state.done & (i < state.limit)
   tok = jnp.where(live, tok, pad_id)
   lp = jnp.where(live, lp, 0.0)
   col = jnp.minimum(i, n_new - 1)
@@ -201,28 +272,62 @@ def _record(state: SampleState, logits, i, strategy, stops, pad_id, n_new):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_new", "strategy", "pad_id"))
-def prefill_jit(params, cfg: ModelConfig, prompt, valid, stops, rng, *, n_new: int, strategy,
-                pad_id: int) -> SampleState:
-  """Prefills the prompt [B, P] into a fresh cache of P + n_new slots and samples token 0."""
+def prefill_jit(params, cfg: ModelConfig, prompt, valid, stops, rng, limit=None, *, n_new: int,
+                strategy, pad_id: int) -> SampleState:
+  """Prefills the prompt [B, P] into a fresh cache of P + n_new slots and samples token 0.
+  limit: optional [B] per-row token limits (<= n_new)."""
   b, p = prompt.shape
   cache = dec.init_cache(cfg, b, p + n_new)
   positions = masks.positions_from_valid(valid)
   logits, cache = dec.prefill(params, cfg, prompt, positions, masks.causal_mask(valid), cache)
   w = stops.shape[1]
+  limit = (jnp.full((b,), n_new, jnp.int32) if limit is None
+           else jnp.minimum(jnp.asarray(limit, jnp.int32), n_new))
   state = SampleState(
       cache=cache, tokens=jnp.full((b, n_new), pad_id, jnp.int32),
       logprobs=jnp.zeros((b, n_new), jnp.float32), lengths=jnp.zeros((b,), jnp.int32),
       stop_reason=jnp.full((b,), -1, jnp.int32), recent=jnp.full((b, w), -1, jnp.int32),
       start=jnp.argmax(valid, axis=1).astype(jnp.int32),
-      n_prompt=jnp.sum(valid, axis=1).astype(jnp.int32), written=jnp.int32(0), rng=rng)
+      n_prompt=jnp.sum(valid, axis=1).astype(jnp.int32), limit=limit, written=jnp.int32(0),
+      rng=rng)
   return _record(state, logits, 0, strategy, stops, pad_id, n_new)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "pad_id", "write_last"),
+def _write(buf, new, index):
+  return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1)
+
+
+def decode_step(params, cfg: ModelConfig, tok, pos, cache: dec.KVCache, index, start, *,
+                dense: bool = False, block: int = 256):
+  """One token per row: writes its keys/values at cache slot `index` and attends over slots
+  [start, index] only. tok, pos [B, 1]; start [B] -> (logits [B, V], cache).
+
+  The filled-only attention (`models.attention.decode_attention`) reads the cache blocks up to
+  the current length, not all S slots; `dense=True` is the whole-cache masked attention it
+  replaces (kept as the reference for tests)."""
+  if dense:
+    slots = jnp.arange(cache.length)
+    kv_mask = ((slots[None] >= start[:, None]) & (slots[None] <= index))[:, None, :]
+    logits, cache = dec.decode_step(params, cfg, tok, pos, cache, index, kv_mask)
+    return logits[:, 0], cache
+
+  def attend(q, k, v, kv):
+    ck, cv = _write(kv[0], k, index), _write(kv[1], v, index)
+    return attn.decode_attention(q, ck, cv, start, index + 1, block=block), (ck, cv)
+
+  h, states = dec.decoder(params, cfg, tok, pos, attend, list(zip(cache.k, cache.v)))
+  new = dec.KVCache(k=tuple(s[0] for s in states), v=tuple(s[1] for s in states))
+  return dec.logits_from_hidden(params, cfg, h[:, 0]), new
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "pad_id", "write_last", "dense",
+                                             "block"),
                    donate_argnames=("state",))
-def decode_jit(params, cfg: ModelConfig, state: SampleState, stops, *, strategy, pad_id: int,
-               write_last: bool) -> SampleState:
-  """Decodes until every row has stopped or produced N tokens.
+def decode_jit(params, cfg: ModelConfig, state: SampleState, stops, until=None, *, strategy,
+               pad_id: int, write_last: bool, dense: bool = False,
+               block: int = 256) -> SampleState:
+  """Decodes until every row has stopped or produced its tokens (or `written` reaches `until`,
+  a traced step count: the loop can be run in chunks of steps).
 
   With `write_last`, the keys/values of every generated token (the last and the stop tokens
   included) end up in the cache, as the anytime summaries need; otherwise the loop stops as soon
@@ -230,50 +335,115 @@ def decode_jit(params, cfg: ModelConfig, state: SampleState, stops, *, strategy,
   """
   p = state.cache.length - state.tokens.shape[1]
   n_new = state.tokens.shape[1]
-  slots = jnp.arange(state.cache.length)
+  until = n_new if until is None else jnp.minimum(until, n_new)
 
   def cond(s: SampleState):
-    pending = s.lengths > s.written if write_last else (~s.done & (s.lengths < n_new))
-    return (s.written < n_new) & jnp.any(pending)
+    return (s.written < until) & jnp.any(s.pending(write_last))
 
   def body(s: SampleState):
     i = s.written
     tok = jax.lax.dynamic_slice_in_dim(s.tokens, i, 1, axis=1)  # [B, 1]
     pos = (s.n_prompt + i)[:, None]
-    kv_mask = ((slots[None] >= s.start[:, None]) & (slots[None] <= p + i))[:, None, :]
-    logits, cache = dec.decode_step(params, cfg, tok, pos, s.cache, p + i, kv_mask)
+    logits, cache = decode_step(params, cfg, tok, pos, s.cache, p + i, s.start, dense=dense,
+                                block=block)
     s = s.replace(cache=cache, written=i + 1)
-    return _record(s, logits[:, 0], i + 1, strategy, stops, pad_id, n_new)
+    return _record(s, logits, i + 1, strategy, stops, pad_id, n_new)
 
   return jax.lax.while_loop(cond, body, state)
+
+
+# Compaction: between chunks of decode steps, the rows still running are gathered into the
+# smallest bucket (a power of two, at least `min_bucket`) that holds them, so the long tail of a
+# few long rows does not pay for the whole batch. Every bucket size is one more compilation.
+
+
+def _rows_of(state: SampleState):
+  """The per-row fields of a state (everything but `written`, and `rng` unless per row)."""
+  names = ["cache", "tokens", "logprobs", "lengths", "stop_reason", "recent", "start",
+           "n_prompt", "limit"] + (["rng"] if per_row(state.rng) else [])
+  return {k: getattr(state, k) for k in names}
+
+
+@jax.jit
+def _gather_rows(state: SampleState, idx) -> SampleState:
+  return state.replace(**jax.tree.map(lambda x: x[idx], _rows_of(state)))
+
+
+@functools.partial(jax.jit, donate_argnames=("full",))
+def _scatter_rows(full: SampleState, part: SampleState, idx) -> SampleState:
+  rows = jax.tree.map(lambda f, x: f.at[idx].set(x), _rows_of(full), _rows_of(part))
+  return full.replace(written=part.written, **rows)
+
+
+def bucket_rows(n: int, batch: int, min_bucket: int = 8) -> int:
+  """The compacted batch size for n running rows out of `batch`."""
+  b = min_bucket
+  while b < n:
+    b *= 2
+  return min(b, batch)
+
+
+def _decode_compacting(params, cfg, state: SampleState, stops, *, chunk: int, min_bucket: int,
+                       **kw) -> SampleState:
+  """`decode_jit` in chunks of `chunk` steps, compacting the running rows between chunks."""
+  write_last = kw["write_last"]
+  batch = state.lengths.shape[0]
+  full, cur, idx = None, state, np.arange(batch)
+  while True:
+    written = int(cur.written)
+    cur = decode_jit(params, cfg, cur, stops, jnp.int32(written + chunk), **kw)
+    pending = np.asarray(cur.pending(write_last))
+    if not pending.any() or int(cur.written) >= cur.tokens.shape[1]:
+      break
+    size = bucket_rows(int(pending.sum()), batch, min_bucket)
+    if size >= len(idx):
+      continue
+    # Live rows first, then finished rows as filler (they are done: the loop skips them, and
+    # scattering them back changes nothing that is read).
+    order = np.concatenate([np.flatnonzero(pending), np.flatnonzero(~pending)])[:size]
+    full = cur if full is None else _scatter_rows(full, cur, jnp.asarray(idx))
+    idx = idx[order]
+    cur = _gather_rows(full, jnp.asarray(idx))
+  return cur if full is None else _scatter_rows(full, cur, jnp.asarray(idx))
 
 
 def sample(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
            strategy=Greedy(), stop_sequences: Sequence[Sequence[int]] = (), rng=None, *,
            pad_id: int = 0, prompt_length: int | None = None, bucket: int = 64,
-           write_last: bool = False, return_state: bool = False):
+           write_last: bool = False, return_state: bool = False, **kw):
   """Samples up to `max_new_tokens` after each prompt.
 
   Args:
     prompts: B token lists (no padding); left-padded to a bucketed length P.
     stop_sequences: token sequences that end a row (e.g. [think_end_ids, [eos_id]]).
-    rng: a PRNG key (required unless the strategy is greedy).
+    rng: a PRNG key, or per-row keys [B, 2] (required unless the strategy is greedy).
     prompt_length: pad to exactly this length instead of the bucket.
     write_last: also write the last generated token into the cache (anytime summaries read it).
     return_state: also return the final SampleState (its KV cache holds prompt + generation).
+    **kw: `sample_padded`'s keywords (limit, compact_every, min_bucket, dense, block).
   Returns:
     SampleOutput with tokens/logprobs [B, N], lengths/stop_reason [B] (and the state).
   """
   tokens, valid = pad_prompts(prompts, pad_id, prompt_length, bucket)
   return sample_padded(params, cfg, tokens, valid, max_new_tokens, strategy, stop_sequences, rng,
-                       pad_id=pad_id, write_last=write_last, return_state=return_state)
+                       pad_id=pad_id, write_last=write_last, return_state=return_state, **kw)
 
 
 def sample_padded(params, cfg: ModelConfig, tokens, valid, max_new_tokens: int,
                   strategy=Greedy(), stop_sequences: Sequence[Sequence[int]] = (), rng=None, *,
-                  pad_id: int = 0, write_last: bool = False, return_state: bool = False):
+                  pad_id: int = 0, write_last: bool = False, return_state: bool = False,
+                  limit=None, compact_every: int = 0, min_bucket: int = 8, dense: bool = False,
+                  block: int = 256):
   """`sample` from left-padded prompts: tokens, valid [B, P] (numpy, or global arrays whose rows
-  are split over processes: the outputs then keep the rows where they are)."""
+  are split over processes: the outputs then keep the rows where they are).
+
+  limit: optional [B] per-row token limits (a row stops there with stop_reason -1).
+  compact_every: 0 decodes in one loop over the whole batch. n > 0 decodes in chunks of n steps
+    and, between chunks, moves the rows still running into a smaller batch bucket
+    (`bucket_rows`), so finished rows stop costing. Needs per-row keys or greedy decoding (a
+    batch key's draw depends on the batch shape). Single-process arrays only.
+  dense: attend over the whole cache (the pre-#13 path) instead of the filled blocks.
+  """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   if tokens.shape[1] + max_new_tokens > cfg.max_seq_len:
@@ -284,10 +454,19 @@ def sample_padded(params, cfg: ModelConfig, tokens, valid, max_new_tokens: int,
     if not isinstance(strategy, Greedy):
       raise ValueError(f"sampling with {strategy} needs an rng key (only Greedy() runs without)")
     rng = jax.random.PRNGKey(0)  # Never read by greedy decoding; the loop state needs a key.
-  state = prefill_jit(params, cfg, tokens, valid, stops, rng, n_new=max_new_tokens,
+  if per_row(rng) and rng.shape[0] != tokens.shape[0]:
+    raise ValueError(f"{rng.shape[0]} per-row keys for {tokens.shape[0]} rows")
+  if compact_every and not (per_row(rng) or isinstance(strategy, Greedy)):
+    raise ValueError("compact_every needs per-row keys (sampling.row_keys) or greedy decoding: "
+                     "a single key's draws depend on the batch size")
+  state = prefill_jit(params, cfg, tokens, valid, stops, rng, limit, n_new=max_new_tokens,
                       strategy=strategy, pad_id=pad_id)
-  state = decode_jit(params, cfg, state, stops, strategy=strategy, pad_id=pad_id,
-                     write_last=write_last)
+  kw = dict(strategy=strategy, pad_id=pad_id, write_last=write_last, dense=dense, block=block)
+  if compact_every:
+    state = _decode_compacting(params, cfg, state, stops, chunk=compact_every,
+                               min_bucket=min_bucket, **kw)
+  else:
+    state = decode_jit(params, cfg, state, stops, **kw)
   out = SampleOutput(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths,
                      stop_reason=state.stop_reason)
   return (out, state) if return_state else out

@@ -25,7 +25,11 @@ OLD_LOGP = ("recompute", "sampler")
 DTYPES = ("float32", "bfloat16")
 LONG_PROMPTS = ("skip", "error")
 SCHEDULES = ("constant", "cosine", "linear")
-MODES = ("train", "eval")
+MODES = ("train", "eval", "benchmarks")
+# The paper's five evaluation sets (SPEC §10) as prepare_data.py writes them under --data_dir.
+PAPER_BENCHMARKS = ("aime=anytime_eval/aime.json,amc=anytime_eval/amc.json,"
+                    "math500=anytime_eval/math.json,minerva=anytime_eval/minerva.json,"
+                    "olympiad=anytime_eval/olympiad_bench.json")
 DISTRIBUTED = ("auto", "on", "off")
 
 
@@ -79,18 +83,8 @@ class ModelSpec:
   long_prompts: str = setting("skip", "What to do with a prompt longer than --max_prompt_len: "
                               "skip (and count) or error.", choices=LONG_PROMPTS)
 
-  data_dir: str = setting("data", "Folder that relative --train_data / --eval_data paths are "
-                          "read from (experiments/prepare_data.py writes there).")
-
   def __post_init__(self):
     _check_choices(self)
-
-  def path(self, spec: str) -> str:
-    """A data spec as the loader reads it: a relative file path joined to data_dir; absolute
-    paths and the synthetic task ("arith:...") as they are."""
-    if spec.startswith("arith:") or os.path.isabs(spec) or "://" in spec:
-      return spec
-    return os.path.join(self.data_dir, spec)
     # Caught here rather than at load time: a warm start would otherwise train first.
     if self.init != "checkpoint" and self.model not in model_configs.CONFIGS:
       raise ValueError(f"--model={self.model!r}: no such named config (known: "
@@ -111,9 +105,18 @@ class DataConfig:
                                "missing field, malformed line): skip it (one warning names the "
                                "file and lines) or stop with an error.",
                                choices=data_lib.BAD_RECORD_POLICIES)
+  data_dir: str = setting("data", "Folder that relative --train_data / --eval_data paths are "
+                          "read from (experiments/prepare_data.py writes there).")
 
   def __post_init__(self):
     _check_choices(self)
+
+  def path(self, spec: str) -> str:
+    """A data spec as the loader reads it: a relative file path joined to data_dir; absolute
+    paths and the synthetic task ("arith:...") as they are."""
+    if spec.startswith("arith:") or os.path.isabs(spec) or "://" in spec:
+      return spec
+    return os.path.join(self.data_dir, spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +156,13 @@ class RLConfig:
       "(the paper's code): A fresh summaries per budget, the decoupled baseline pools the A x k "
       "of a cut; reuse: A summaries per distinct cut, trained once (cheaper).",
       choices=at.SHARED_CUTS)
+  rollout_batch: int = setting(
+      0, "Thinkings per sampler call (0: all prompts_per_batch x group_size at once). With n > 0 "
+      "only n rows' KV caches are alive at once, and every row draws from its own key, so "
+      "results do not depend on n (but differ from 0's batch-key draws).")
+  compact_every: int = setting(
+      0, "Decode the thinking in chunks of this many steps, moving the rows still running into "
+      "a smaller batch between chunks (0: off; per-row keys as with --rollout_batch).")
   old_logp: str = setting(
       "recompute", "PPO's old log-probs: recompute (the paper's code: the training forward "
       "before the update) or sampler (the rollout's own log-probs).", choices=OLD_LOGP)
@@ -166,6 +176,8 @@ class RLConfig:
         (self.prompts_per_batch >= 1, "prompts_per_batch", ">= 1"),
         (self.ppo_epochs >= 1, "ppo_epochs", ">= 1"),
         (self.micro_batches >= 1, "micro_batches", ">= 1"),
+        (self.rollout_batch >= 0, "rollout_batch", ">= 0"),
+        (self.compact_every >= 0, "compact_every", ">= 0"),
         (self.lam > 0, "lam", "> 0"),
         (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
         (self.temperature > 0, "temperature", "> 0 (rollouts sample)"),
@@ -249,6 +261,21 @@ class EvalConfig:
                              flag="eval_summary_len")
   periodic_size: int = setting(0, "Questions used by the evaluations during training "
                                "(--eval_every; 0: all of --eval_size).", flag="eval_periodic_size")
+  benchmarks: str = setting(PAPER_BENCHMARKS, "--mode=benchmarks: name=data file pairs, comma "
+                            "separated (relative files: under --data_dir).",
+                            flag="eval_benchmarks")
+
+  def benchmark_files(self) -> list[tuple[str, str]]:
+    """[(name, data spec)] of --eval_benchmarks, in order."""
+    out = []
+    for item in filter(None, (x.strip() for x in self.benchmarks.split(","))):
+      name, sep, spec = item.partition("=")
+      if not sep or not name or not spec:
+        raise ValueError(f"--eval_benchmarks: {item!r} is not name=file")
+      out.append((name, spec))
+    if not out:
+      raise ValueError("--eval_benchmarks: no benchmark given")
+    return out
 
   def __post_init__(self):
     # Checked now: these would otherwise fail only at the evaluation after the whole run.
@@ -258,6 +285,7 @@ class EvalConfig:
                              ("eval_periodic_size", self.periodic_size, 0)):
       if value < low:
         raise ValueError(f"--{flag}={value}: must be >= {low}")
+    self.benchmark_files()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,6 +87,20 @@ def write_eval(result: dict[str, Any], workdir: str, name: str = "eval") -> str:
   return path
 
 
+def benchmark_table(results: dict[str, dict[str, Any]]) -> str:
+  """The paper's Table 1/2 layout: anytime score and final accuracy (%) per benchmark, and
+  their average over benchmarks."""
+  names = list(results)
+  width = max(8, *(len(n) for n in names))
+  head = f"{'':<9}" + "".join(f"{n:>{width + 1}}" for n in names) + f"{'Avg':>{width + 1}}"
+  lines = [head]
+  for label, key in (("anytime", "anytime_score"), ("final", "final_accuracy")):
+    vals = [100 * results[n][key] for n in names]
+    lines.append(f"{label:<9}" + "".join(f"{v:>{width + 1}.1f}" for v in vals)
+                 + f"{sum(vals) / len(vals):>{width + 1}.1f}")
+  return "\n".join(lines)
+
+
 def budget_table(result: dict[str, Any], max_rows: int = 8) -> str:
   """A small text table of accuracy against budget."""
   b, a = result["budgets"], result["accuracy"]

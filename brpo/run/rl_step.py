@@ -131,7 +131,8 @@ def rl_step(state: TrainState, prompts: Sequence[Sequence[int]], references: Seq
                                        ctx.mesh)
   roll_params, roll_cfg = for_decoding(state.params, ctx.cfg)
   ro = at.rollout_rows(roll_params, roll_cfg, prompt, valid, spec, ctx.toks, key_roll,
-                       think_strategy=strategy, summary_strategy=strategy, timings=timings)
+                       think_strategy=strategy, summary_strategy=strategy, timings=timings,
+                       rollout_batch=rl.rollout_batch, compact_every=rl.compact_every)
   t1 = time.perf_counter()
   refs = [ref for ref in references for _ in range(g)]
   rewards = score_rollout(ro, ctx.tokenizer, ctx.toks, refs, ctx.grader)  # [R, m, A]

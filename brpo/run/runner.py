@@ -15,6 +15,7 @@ import time
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 import tqdm
 
 from brpo.rollout import anytime as at
@@ -82,21 +83,24 @@ class Run:
                   ec.data.eval, self.eval_skipped, ec.model.max_prompt_len)
     self.eval_examples = eval_examples
 
-  def evaluate(self, params, step: int | None = None, limit: int = 0) -> dict[str, Any]:
-    """Anytime evaluation on the eval set (its first `limit` questions when limit > 0)."""
+  def evaluate(self, params, step: int | None = None, limit: int = 0,
+               prompts: tuple[list, list] | None = None) -> dict[str, Any]:
+    """Anytime evaluation on the eval set (its first `limit` questions when limit > 0), or on
+    other (prompts, references)."""
     ec = self.ec
     b_max = ec.eval.b_max or ec.rl.budget_spec.b_max
     budgets = evaluation.eval_budgets(b_max, ec.eval.n_budgets)
-    n = limit or len(self.eval_prompts)
+    all_prompts, all_refs = prompts or (self.eval_prompts, self.eval_refs)
+    n = limit or len(all_prompts)
     params, cfg = for_decoding(params, self.cfg)
     result = evaluation.evaluate(
-        params, cfg, self.tokenizer, self.toks, self.eval_prompts[:n], self.eval_refs[:n],
+        params, cfg, self.tokenizer, self.toks, all_prompts[:n], all_refs[:n],
         budgets=budgets, samples=ec.eval.samples,
         summary_len=ec.eval.summary_len or ec.rl.summary_len, temperature=ec.eval.temperature,
         top_p=ec.eval.top_p, grader=self.grader,
         rng=jax.random.fold_in(jax.random.PRNGKey(ec.run.seed + 1), step or 0),
         batch_prompts=min(64, max(8, ec.rl.prompts_per_batch)),
-        prompt_length=None, prompt_cap=_prompt_length(self.eval_prompts),
+        prompt_length=None, prompt_cap=_prompt_length(all_prompts),
         progress=ec.run.progress and self.is_main, mesh=self.mesh)
     result["step"] = step
     result["eval_data"] = ec.data.eval
@@ -245,43 +249,87 @@ def _train_fns(cfg: ModelConfig, optim: OptimConfig, rl: RLConfig, total_updates
           train_lib.make_logprob_fn(cfg, rl, mesh))
 
 
+def _trained_params(r: Run, ec: ExperimentConfig):
+  """(params, step): the workdir's latest checkpoint if any, else the initial model (step None)."""
+  params, step = r.params, None
+  ckdir = os.path.join(ec.run.workdir, "checkpoints")
+  if os.path.isdir(ckdir):
+    ckpt = Checkpointer(ckdir)
+    if ckpt.latest_step() is not None:
+      # The saved state's tree depends on the saved run's optimizer: rebuild its template.
+      saved = config_from_dict(ckpt.restore_meta()["config"])
+      upd = saved.rl.ppo_epochs * (saved.rl.prompts_per_batch // saved.rl.mini_batch_prompts)
+      # The optimizer as the saved run built it: weight decay masked to the matrices (this
+      # version) or, for a checkpoint written before that, applied to every parameter (its
+      # optimizer state has no mask node). Either parameter layout (--scan_layers) is read.
+      state = None
+      for masked in (True, False):
+        opt = train_lib.make_optimizer(saved.optim, saved.run.steps * upd,
+                                       r.cfg if masked else None)
+        template = train_lib.init_train_state(params, opt, saved.run.seed, r.mesh,
+                                              dec.param_axes(r.cfg),
+                                              with_ref=saved.rl.kl_coef > 0)
+        try:
+          state, _ = restore_state(ckpt, template, saved.model.scan_layers)
+          break
+        except (ValueError, KeyError, TypeError):
+          if not masked:
+            raise
+      params, step = state.params, ckpt.latest_step()
+      log.info("evaluating checkpoint step %d of %s", step, ckdir)
+    ckpt.close()
+  if step is None:  # laid out on the mesh as training would (rollout rows are split over it)
+    params = shd.shard_tree(jax.device_get(params), dec.param_axes(r.cfg), r.mesh)
+  return params, step
+
+
 def evaluate_only(ec: ExperimentConfig) -> dict[str, Any]:
   """--mode=eval: the latest checkpoint of the workdir if any, else the initial model."""
   r = Run(ec)
   try:
-    params, step = r.params, None
-    ckdir = os.path.join(ec.run.workdir, "checkpoints")
-    if os.path.isdir(ckdir):
-      ckpt = Checkpointer(ckdir)
-      if ckpt.latest_step() is not None:
-        # The saved state's tree depends on the saved run's optimizer: rebuild its template.
-        saved = config_from_dict(ckpt.restore_meta()["config"])
-        upd = saved.rl.ppo_epochs * (saved.rl.prompts_per_batch // saved.rl.mini_batch_prompts)
-        # The optimizer as the saved run built it: weight decay masked to the matrices (this
-        # version) or, for a checkpoint written before that, applied to every parameter (its
-        # optimizer state has no mask node).
-        state = None
-        for masked in (True, False):
-          opt = train_lib.make_optimizer(saved.optim, saved.run.steps * upd,
-                                         r.cfg if masked else None)
-          template = train_lib.init_train_state(params, opt, saved.run.seed, r.mesh,
-                                                dec.param_axes(r.cfg),
-                                                with_ref=saved.rl.kl_coef > 0)
-          try:
-            state, _ = restore_state(ckpt, template, saved.model.scan_layers)
-            break
-          except (ValueError, KeyError, TypeError):
-            if not masked:
-              raise
-        params, step = state.params, ckpt.latest_step()
-        log.info("evaluating checkpoint step %d of %s", step, ckdir)
-      ckpt.close()
+    params, step = _trained_params(r, ec)
     result = r.evaluate(params, step)  # result["step"]: None for the initial model
     evaluation.write_eval(result, ec.run.workdir)
     evaluation.plot_accuracy({os.path.basename(ec.run.workdir.rstrip("/")): result},
                              os.path.join(ec.run.workdir, "accuracy.png"))
     print(evaluation.budget_table(result))
     return result
+  finally:
+    r.close()
+
+
+def evaluate_benchmarks(ec: ExperimentConfig) -> dict[str, Any]:
+  """--mode=benchmarks: the checkpoint (or initial model) on every set of --eval_benchmarks
+  (default the paper's five), with the same evaluation settings as --mode=eval. Writes
+  eval_<name>.json and accuracy_<name>.png per benchmark and benchmarks.json; prints the
+  paper's table (anytime score and final accuracy per benchmark, and the average)."""
+  sets = ec.eval.benchmark_files()
+  loaded = []
+  for name, spec in sets:  # all files checked before the model is loaded
+    examples = data_lib.load_dataset(ec.data.path(spec), ec.data.on_bad_record)
+    loaded.append((name, spec, examples[:ec.data.eval_size] if ec.data.eval_size else examples))
+  r = Run(ec)
+  try:
+    params, step = _trained_params(r, ec)
+    results = {}
+    for name, spec, examples in loaded:
+      prompts, refs, skipped = encode_prompts(examples, r.tokenizer, ec.model.template,
+                                              ec.model.max_prompt_len, ec.model.long_prompts,
+                                              f"--eval_benchmarks={name}={spec}")
+      result = r.evaluate(params, step, prompts=(prompts, refs))
+      result.update(eval_data=spec, skipped_long=skipped)
+      evaluation.write_eval(result, ec.run.workdir, f"eval_{name}")
+      evaluation.plot_accuracy({name: result}, os.path.join(ec.run.workdir,
+                                                            f"accuracy_{name}.png"), title=name)
+      results[name] = result
+      log.info("%s: anytime %.3f, final %.3f", name, result["anytime_score"],
+               result["final_accuracy"])
+    summary = {"step": step, "benchmarks": results,
+               "average": {k: float(np.mean([x[k] for x in results.values()]))
+                           for k in ("anytime_score", "final_accuracy")}}
+    evaluation.write_eval(summary, ec.run.workdir, "benchmarks")
+    print(evaluation.benchmark_table(results))
+    return summary
   finally:
     r.close()
 
@@ -331,4 +379,5 @@ def main(ec: ExperimentConfig) -> dict[str, Any]:
   for name in ("absl", "jax", "orbax"):
     logging.getLogger(name).setLevel(logging.WARNING)
   maybe_initialize_distributed(ec.run.distributed)
-  return train(ec) if ec.run.mode == "train" else evaluate_only(ec)
+  modes = {"train": train, "eval": evaluate_only, "benchmarks": evaluate_benchmarks}
+  return modes[ec.run.mode](ec)

@@ -181,8 +181,14 @@ def train(params: Params, cfg: ModelConfig, tokenizer: tok_lib.Tokenizer,
 # Saving, restoring, and the warm start itself.
 
 
+# ModelConfig fields that change how the model runs, not what it computes: a saved warm start
+# serves any value of them (and directories saved before they existed stay usable).
+_RUNTIME_FIELDS = ("remat", "scan_layers")
+
+
 def _settings(cfg: ModelConfig, ws: WarmStartConfig) -> dict[str, Any]:
-  return {"model_config": dataclasses.asdict(cfg),
+  model = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS}
+  return {"model_config": model,
           "warm_start": dataclasses.asdict(ws)}  # Includes the task settings.
 
 
@@ -256,7 +262,9 @@ def warm_start(directory: str, ws: WarmStartConfig = WarmStartConfig(),
       saved = json.load(f)
     tokenizer = tok_lib.SentencePieceTokenizer(tok_path)
     cfg = get_config(ws.model, vocab_size=tokenizer.vocab_size, **(model_overrides or {}))
-    diff = _differences({k: saved.get(k) for k in ("model_config", "warm_start")},
+    saved_model = {k: v for k, v in (saved.get("model_config") or {}).items()
+                   if k not in _RUNTIME_FIELDS}
+    diff = _differences({"model_config": saved_model, "warm_start": saved.get("warm_start")},
                         json.loads(json.dumps(_settings(cfg, ws))))
     if diff:
       raise ValueError(f"{settings_path}: this directory holds a warm start with other settings "
