@@ -1,6 +1,13 @@
-"""Tree-packed training pass against the plain layout, and grader throughput.
+"""Tree-packed training pass against the plain layout, grader throughput, and the packed update's MFU.
 
-  python -m benchmarks.packing [--quick] [--out packing.json]
+  python -m benchmarks.packing [--quick] [--out packing.json] [--platform=cpu|gpu|tpu|auto]
+      [--model=tiny --b_max=1024 --m=4 --a=4 --s=32 --prompt_len=32 --rows=8]
+  python -m benchmarks.packing --mfu --platform=gpu   # the paper's 1.5B shape, random weights
+
+--mfu: the whole jitted update (forward, backward, AdamW) of packed rows of the 1.5B model at
+b_max 2048, 4096 and 8000 (--mfu_b_max), one row per micro-batch, timed after compilation;
+MFU = model FLOPs (6 x parameters per slot plus causal attention over each slot's visible keys,
+no remat recomputation counted) / time / --peak_tflops.
 
 Packed: one row per thinking holding prompt, thinking and all m * A branches (brpo.packing.pack,
 block-structured tree attention). Plain: the thinking and every branch as its own causal
@@ -14,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from benchmarks.platform import set_platform
+
+set_platform()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -98,15 +106,106 @@ def time_pass(params, cfg, batch, max_len: int, per_thinking: int,
   return best, peak
 
 
+def attention_context(batch) -> float:
+  """Keys visible to every real slot, summed (causal-attention work): trunk keys below the
+  slot's limit, plus its own branch's earlier slots."""
+  br = np.asarray(batch.branch)
+  lim = np.asarray(batch.limit).astype(np.float64)
+  own = np.zeros_like(lim)
+  if batch.n_branches:
+    w, tt, c = batch.branch_width, batch.trunk_len, batch.n_branches
+    own[:, tt:tt + c * w] = np.tile(np.arange(1, w + 1), c)[None]
+  return float(np.where(br >= 0, lim + own, 0).sum())
+
+
+def measure_mfu(args) -> dict:
+  """The jitted packed update (one row per micro-batch) of --model at each of --mfu_b_max."""
+  from brpo.run import config as run_config
+  from brpo.train import step as train_lib
+
+  cfg = config_lib.get_config(args.model, dtype=args.dtype, param_dtype="float32",
+                              remat=args.remat, scan_layers=args.scan_layers)
+  params = dec.init_params(cfg, jax.random.PRNGKey(0))
+  m, a, s = args.m, args.a, args.s
+  out = {}
+  for b_max in [int(x) for x in args.mfu_b_max.split(",")]:
+    ro = synthetic_rollout(args.rows, b_max, m, a, s, args.prompt_len, cfg.vocab_size)
+    adv_t = jax.random.normal(jax.random.PRNGKey(1), (args.rows, m))
+    adv_s = jax.random.normal(jax.random.PRNGKey(2), (args.rows, m, a))
+    batch = pk.pack(ro, adv_t, adv_s)
+    rl = run_config.RLConfig(budgets=tuple(int(b) for b in np.asarray(ro.budgets)),
+                             n_summaries=a, summary_len=s, group_size=args.rows,
+                             prompts_per_batch=1, mini_batch_prompts=1, micro_batches=args.rows)
+    opt = train_lib.make_optimizer(run_config.OptimConfig(), 100, cfg)
+    state = train_lib.init_train_state(jax.tree.map(jnp.copy, params), opt, 0)
+    step = train_lib.make_train_step(cfg, opt, rl, batch.response_len)
+    t0 = time.perf_counter()
+    state, met = step(state, batch)
+    jax.block_until_ready(met)
+    compile_s = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(args.repeats):
+      t0 = time.perf_counter()
+      state, met = step(state, batch)
+      jax.block_until_ready(met)
+      best = min(best, time.perf_counter() - t0)
+    real = int((np.asarray(batch.branch) >= 0).sum())
+    flops = 3 * (real * cfg.flops_per_token(0)
+                 + cfg.n_layers * 4 * cfg.n_heads * cfg.head_dim * attention_context(batch))
+    mfu = flops / best / (args.peak_tflops * 1e12)
+    print(f"b_max={b_max:5d}: {args.rows} rows of {batch.tokens.shape[1]} slots ({real} real), "
+          f"update {best:.3f} s (first call {compile_s:.0f} s), {flops / best / 1e12:.1f} "
+          f"TFLOP/s, MFU {mfu:.3f} of {args.peak_tflops} TFLOP/s", flush=True)
+    out[f"mfu_b{b_max}"] = round(mfu, 4)
+    out[f"update_s_b{b_max}"] = round(best, 4)
+    del state
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--platform", default="cpu", help="cpu, gpu, tpu or auto (read before jax "
+                  "is imported)")
   ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--rows", type=int, default=0, help="thinkings (default 8, quick 4)")
+  ap.add_argument("--rows", type=int, default=0, help="thinkings (default 8, quick 4; --mfu 4)")
+  ap.add_argument("--model", default="", help="named config (default tiny with a 512 vocab; "
+                  "--mfu: deepseek-r1-distill-qwen-1.5b)")
+  ap.add_argument("--b_max", type=int, default=1024)
+  ap.add_argument("--m", type=int, default=4)
+  ap.add_argument("--a", type=int, default=4)
+  ap.add_argument("--s", type=int, default=0, help="summary length (default 32; --mfu 128)")
+  ap.add_argument("--prompt_len", type=int, default=0, help="(default 32; --mfu 1024)")
+  ap.add_argument("--dtype", default="", help="compute dtype (default float32; --mfu bfloat16)")
+  ap.add_argument("--remat", default="full", help="--mfu: remat of the layers")
+  ap.add_argument("--scan_layers", default="true", help="--mfu: scanned layers")
+  ap.add_argument("--mfu", action="store_true", help="measure the packed update's MFU")
+  ap.add_argument("--mfu_b_max", default="2048,4096,8000")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--peak_tflops", type=float, default=989.0,
+                  help="the accelerator's dense bfloat16 peak (H100/H200 SXM: 989)")
   ap.add_argument("--out", default="")
   args = ap.parse_args()
+  args.scan_layers = str(args.scan_layers).lower() in ("1", "true", "yes")
+  if args.mfu:
+    args.model = args.model or "deepseek-r1-distill-qwen-1.5b"
+    args.rows = args.rows or 4
+    args.s = args.s or 128
+    args.prompt_len = args.prompt_len or 1024
+    args.dtype = args.dtype or "bfloat16"
+    print(f"{args.model} on {jax.devices()[0].device_kind} ({jax.device_count()} devices; one "
+          f"is used), remat={args.remat}, scan_layers={args.scan_layers}, dtype={args.dtype}")
+    out = measure_mfu(args)
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(json.dumps(out))
+    return
   rows = args.rows or (4 if args.quick else 8)
-  b_max, m, a, s, p = 1024, 4, 4, 32, 32
-  cfg = config_lib.get_config("tiny", vocab_size=512)
+  b_max, m, a, s, p = args.b_max, args.m, args.a, args.s or 32, args.prompt_len or 32
+  if args.model:
+    cfg = config_lib.get_config(args.model, dtype=args.dtype or "float32")
+  else:
+    cfg = config_lib.get_config("tiny", vocab_size=512)
   params = dec.init_params(cfg, jax.random.PRNGKey(0))
   ro = synthetic_rollout(rows, b_max, m, a, s, p, cfg.vocab_size)
   r = rows
@@ -120,7 +219,7 @@ def main():
   t_packed, m_packed = time_pass(params, cfg, packed, max_len, 1, repeats)
   t_plain, m_plain = time_pass(params, cfg, plain, max_len, 1 + m * a, repeats)
   trained = int(packed.loss_mask.sum())
-  print(f"tiny model ({cfg.n_params:,} parameters), {rows} thinkings, b_max={b_max}, m={m}, "
+  print(f"{args.model or 'tiny'} model ({cfg.n_params:,} parameters), {rows} thinkings, b_max={b_max}, m={m}, "
         f"A={a}, S={s}; {trained} trained tokens")
   print(f"{'layout':>7} {'rows':>5} {'slots':>6} {'fwd+bwd s':>9} {'memory MB':>9}")
   print(f"{'packed':>7} {packed.tokens.shape[0]:>5} {packed.tokens.shape[1]:>6} "

@@ -1,9 +1,12 @@
 """Time per RL step and its phases, GRPO against AR-uniform at equal b_max (the tiny task).
 
-  python -m benchmarks.rl_step [--quick] [--steps N] [--out rl_step.json]
+  python -m benchmarks.rl_step [--quick] [--steps N] [--out rl_step.json] [--platform=cpu|gpu|..]
+      [any experiment flag, e.g. --b_max=192 --summary_len=24 --remat=full --scan_layers]
 
 Both runs start from the same warm-started tiny model (trained into --warmstart_dir if absent)
-and use the tiny default's batch sizes; the first step (compilation) is not timed. The paper
+and use the tiny default's batch sizes; the first step (compilation) is not timed. Flags this
+script does not know are experiment flags (brpo/run/config.py), applied to the base model and to
+both runs after their flagfiles (model and shape: --model, --init, --b_max, --summary_len, ...). The paper
 reports under 10% overhead for AR against GRPO. The last line is one JSON object.
 """
 
@@ -11,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from benchmarks.platform import set_platform
+
+set_platform()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -44,7 +48,7 @@ def time_run(flagfile: str, steps: int, extra: list[str], model) -> dict[str, fl
   spec = rl.budget_spec
   response_len = spec.b_max + spec.m * rl.n_summaries * (n_ins + rl.summary_len)
   upd = rl.prompts_per_batch // rl.mini_batch_prompts
-  opt = train_lib.make_optimizer(ec.optim, steps * upd)
+  opt = train_lib.make_optimizer(ec.optim, steps * upd, cfg)
   state = train_lib.init_train_state(jax.tree.map(np.copy, params), opt, 0)
   step = train_lib.make_train_step(cfg, opt, rl, response_len)
   it = data_lib.DataIterator(list(range(len(prompts))), rl.prompts_per_batch, 0)
@@ -71,14 +75,16 @@ def main():
   ap.add_argument("--steps", type=int, default=0, help="timed steps per run (default 4; quick 2)")
   ap.add_argument("--warmstart_dir", default="workdir/warmstart_tiny")
   ap.add_argument("--out", default="")
-  args = ap.parse_args()
+  ap.add_argument("--platform", default="cpu", help="cpu, gpu, tpu or auto (read before jax "
+                  "is imported)")
+  args, flags = ap.parse_known_args()
   steps = args.steps or (2 if args.quick else 4)
   base = gsm_math.config_from_args(["--flagfile=experiments/configs/tiny_cpu.flags",
-                                    f"--warmstart_dir={args.warmstart_dir}"])
+                                    f"--warmstart_dir={args.warmstart_dir}", *flags])
   t = time.time()
   model = runner.load_model(base)
   print(f"model ready in {time.time() - t:.0f} s ({model[0].n_params:,} parameters)")
-  extra = [f"--warmstart_dir={args.warmstart_dir}"]
+  extra = [f"--warmstart_dir={args.warmstart_dir}", *flags]
   res = {name: time_run(f"experiments/configs/{name}.flags", steps, extra, model)
          for name in ("grpo", "ar_uniform")}
   print(f"\nRL step on the tiny task, {steps} timed steps each, b_max={base.rl.b_max}")

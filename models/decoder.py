@@ -14,6 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from models import sharding as shd
 from models.config import ModelConfig
 # Re-exported: callers reach the parameter table through this module as well.
 from models.params import (Params, init_params, is_stacked, param_axes,  # noqa: F401
@@ -73,23 +74,31 @@ Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def _layer(lp: Params, cfg: ModelConfig, x, positions, attend: Attend, state):
-  """One pre-norm block. x [B, T, D], positions [B, T] -> (x [B, T, D], new state)."""
+def _layer(lp: Params, cfg: ModelConfig, x, positions, attend: Attend, state, mesh=None):
+  """One pre-norm block. x [B, T, D], positions [B, T] -> (x [B, T, D], new state).
+
+  With a `mesh`, activations are constrained to it: rows over (data, fsdp), heads and the MLP's
+  hidden units over tensor (models.sharding.constrain)."""
   dt = cfg.compute_dtype
+  rows = lambda y: shd.constrain(y, mesh, ("batch", None, None))
+  heads = lambda y, n: shd.constrain(y, mesh, ("batch", None, n, None))
+  x = rows(x)
   h = rms_norm(x, lp["attn_norm"], cfg.rms_eps)
   q = jnp.einsum("btd,dhk->bthk", h, lp["wq"].astype(dt))
   k = jnp.einsum("btd,dhk->bthk", h, lp["wk"].astype(dt))
   v = jnp.einsum("btd,dhk->bthk", h, lp["wv"].astype(dt))
   if cfg.qkv_bias:
     q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
-  q = rope(q, positions, cfg.rope_theta)
-  k = rope(k, positions, cfg.rope_theta)
+  q = heads(rope(q, positions, cfg.rope_theta), "heads")
+  k = heads(rope(k, positions, cfg.rope_theta), "kv_heads")
+  v = heads(v, "kv_heads")
   o, state = attend(q, k, v, state)
-  x = x + jnp.einsum("bthk,hkd->btd", o, lp["wo"].astype(dt))
+  x = rows(x + jnp.einsum("bthk,hkd->btd", heads(o, "heads"), lp["wo"].astype(dt)))
   h = rms_norm(x, lp["mlp_norm"], cfg.rms_eps)
   g = jnp.einsum("btd,df->btf", h, lp["w_gate"].astype(dt))
   u = jnp.einsum("btd,df->btf", h, lp["w_up"].astype(dt))
-  x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, lp["w_down"].astype(dt))
+  a = shd.constrain(jax.nn.silu(g) * u, mesh, ("batch", None, "mlp"))
+  x = rows(x + jnp.einsum("btf,fd->btd", a, lp["w_down"].astype(dt)))
   return x, state
 
 
@@ -98,14 +107,15 @@ def _stack(trees: Sequence[Any]):
 
 
 def decoder(params: Params, cfg: ModelConfig, tokens, positions, attend: Attend,
-            states: Sequence[Any] | Any, stacked_states: bool = False):
+            states: Sequence[Any] | Any, stacked_states: bool = False, mesh=None):
   """The layer stack. tokens, positions: [B, T] -> (final-normed hidden [B, T, D], new states).
 
   `states[i]` is whatever `attend` keeps for layer i (None, or a KV cache slice). With
   cfg.scan_layers the layers run under `jax.lax.scan`: per-layer states are then stacked on a
   leading [L] axis on the way in and split again on the way out (a copy: a decode loop should
   pass `stacked_states=True`, giving and getting one pytree of [L, ...] arrays). cfg.remat wraps
-  each layer in `jax.checkpoint`; neither option changes a value.
+  each layer in `jax.checkpoint`; neither option changes a value. `mesh`: activations are
+  constrained to it at the layer boundaries (see `_layer`); None leaves their layout to XLA.
   """
   if is_stacked(params) != cfg.scan_layers:
     raise ValueError(
@@ -113,7 +123,7 @@ def decoder(params: Params, cfg: ModelConfig, tokens, positions, attend: Attend,
         f"{'stacked' if is_stacked(params) else 'a list of layers'}: convert the parameters "
         "with models.params.stack_layers / unstack_layers")
   x = jnp.take(params["embed"], tokens, axis=0).astype(cfg.compute_dtype)
-  layer = lambda lp, x, state: _layer(lp, cfg, x, positions, attend, state)
+  layer = lambda lp, x, state: _layer(lp, cfg, x, positions, attend, state, mesh)
   if cfg.remat != "none":
     # prevent_cse only matters outside a scan (where XLA could merge the recomputation with
     # the forward pass); inside one it would only cost speed.

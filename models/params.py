@@ -168,3 +168,58 @@ def unstack_layers(params: Params) -> Params:
   layers = params["layers"]
   n = len(next(iter(layers.values())))
   return dict(params, layers=[{name: x[i] for name, x in layers.items()} for i in range(n)])
+
+
+def _is_params(x) -> bool:
+  return isinstance(x, Mapping) and "layers" in x and "embed" in x
+
+
+def _stack_abstract(params: Params) -> Params:
+  layers = params["layers"]
+
+  def stack(*xs):
+    x = xs[0]
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+      sharding = NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+    return jax.ShapeDtypeStruct((len(xs), *x.shape), x.dtype, sharding=sharding)
+
+  return dict(params, layers={name: stack(*[lp[name] for lp in layers]) for name in layers[0]})
+
+
+def _unstack_abstract(params: Params) -> Params:
+  layers = params["layers"]
+
+  def one(x):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+      spec = tuple(sharding.spec) + (None,) * (len(x.shape) - len(sharding.spec))
+      sharding = NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+
+  n = next(iter(layers.values())).shape[0]
+  return dict(params, layers=[{name: one(x) for name, x in layers.items()} for _ in range(n)])
+
+
+def relayout(tree: Any, scan_layers: bool) -> Any:
+  """Every parameter tree inside `tree` (params, a TrainState's params, ref_params and optimizer
+  moments: any dict with "embed" and "layers") in the stacked (scan_layers) or per-layer layout.
+  Works on arrays and on ShapeDtypeStructs (a restore target; NamedShardings follow, the layers
+  axis replicated)."""
+
+  def convert(p):
+    if not _is_params(p) or is_stacked(p) == scan_layers:
+      return p
+    abstract = isinstance(jax.tree.leaves(p["layers"])[0], jax.ShapeDtypeStruct)
+    if scan_layers:
+      return _stack_abstract(p) if abstract else stack_layers(p)
+    return _unstack_abstract(p) if abstract else unstack_layers(p)
+
+  return jax.tree.map(convert, tree, is_leaf=_is_params)
+
+
+def for_decoding(params: Params, cfg):
+  """(params, cfg) for sampling: the per-layer layout and no remat. A scanned stack would stack
+  and split every layer's KV cache at each decode step (models.decoder.decoder), and remat only
+  matters under a gradient. Values are unchanged."""
+  return unstack_layers(params), cfg.replace(scan_layers=False, remat="none")

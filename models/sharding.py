@@ -106,3 +106,24 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping[str, Any] = RULES) -> N
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+# Logical axis -> mesh axes for activations: rows over (data, fsdp), heads and the MLP's hidden
+# units over tensor; d_model, the sequence and the head dimension whole.
+ACTIVATION_RULES: Mapping[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+
+
+def constrain(x, mesh: Mesh | None, axes: Sequence[str | None]):
+  """`jax.lax.with_sharding_constraint` of activation `x` whose dimensions have logical names
+  `axes` (ACTIVATION_RULES; a dimension a mesh axis does not divide stays whole). No-op without
+  a mesh or on a one-device mesh."""
+  if mesh is None or mesh.size == 1:
+    return x
+  spec = logical_to_spec(axes, x.shape, mesh, ACTIVATION_RULES)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -51,7 +51,8 @@ def test_packed_layout_resampled(setup):
   r = len(PROMPTS) * spec.group_size
   b = pk.pack(ro, jnp.zeros((r, 3)), jnp.ones((r, 3, 2)))
   p, bm = ro.prompt.shape[1], 16
-  w = (b.tokens.shape[1] - p - bm) // 6
+  w = b.branch_width
+  assert w == ro.cuts.insert.shape[2] + spec.summary_len
   assert not ro.reused and (np.asarray(ro.cuts.canonical) != np.arange(3)).any()
   for row in range(r):
     for c in range(6):
@@ -68,7 +69,11 @@ def test_packed_layout(setup):
   b = pk.pack(ro, tadv, sadv)
   p, bm = ro.prompt.shape[1], 16
   w = ro.cuts.insert.shape[2] + SPEC.summary_len
-  assert b.tokens.shape == (8, p + bm + 6 * w)
+  assert b.branch_width == w and b.response_len == bm + 6 * w
+  assert b.tokens.shape == (8, pk.padded_length(p + bm + 6 * w))
+  # The row is padded to the attention block: padding slots are invisible and never trained.
+  tail = slice(p + bm + 6 * w, None)
+  assert (np.asarray(b.branch[:, tail]) == -1).all() and not np.asarray(b.loss_mask[:, tail]).any()
   for r in range(8):
     n_prompt = int(ro.prompt_valid[r].sum())
     # Nothing of the prompt is trained; the thinking is trained up to its length.
@@ -161,3 +166,57 @@ def test_entropy_matches_definition(setup):
 def test_segment_of_tokens_traced_budgets():
   np.testing.assert_array_equal(B.segment_of_tokens(jnp.asarray((2, 4, 6)), 6), [0, 0, 1, 1, 2, 2])
   np.testing.assert_array_equal(smp.bucket_length(3), 8)
+
+
+def test_ppo_gradients_blockwise_equal_dense(setup):
+  """The PPO loss over packed rows (shared cuts, padding up to the attention block) accumulated
+  over several micro-batches: the blockwise kernel gives the dense [T, T] mask's values and
+  gradients."""
+  from brpo.core import loss as loss_lib
+  from brpo.train import step as train_lib
+
+  sharp, params, ro, tadv, sadv = setup
+  b = pk.pack(ro, tadv, sadv)
+  assert b.tokens.shape[1] > b.trunk_len + b.n_branches * b.branch_width  # padding slots
+  assert (np.asarray(ro.cuts.canonical) != np.arange(3)).any()  # shared cuts
+  # Old log-probs of the sharp sampler: ratios far from 1, so clipping is exercised.
+  micro = train_lib.micro_batches(b, 4)
+
+  def loss(p, dense):
+    total = 0.0
+    for i in range(4):
+      mb = jax.tree.map(lambda x: x[i], micro)
+      lp = pk.token_logprobs(p, CFG, mb, dense=dense)
+      total = total + loss_lib.ppo_loss(lp, mb.old_logp, mb.advantages, mb.loss_mask,
+                                        max_len=b.response_len).loss_sum
+    return total
+
+  f = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  (v1, g1), (v2, g2) = f(params, False), f(params, True)
+  np.testing.assert_allclose(v1, v2, rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):  # float32 sums in another order
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(np.abs(y).max()))
+
+
+def test_chunked_logprobs_equal_whole_row(setup):
+  """Log-probs and entropy computed chunk by chunk (checkpointed scan) equal the whole row's
+  logits at once, values and gradients; a chunk that does not divide the row is padded."""
+  sharp, _, ro, tadv, sadv = setup
+  b = pk.pack(ro, tadv, sadv)
+  t = b.tokens.shape[1]
+  h = jax.random.normal(jax.random.PRNGKey(5), (b.tokens.shape[0], t, CFG.d_model))
+  w = jax.random.normal(jax.random.PRNGKey(6), b.tokens.shape)
+
+  def f(p, h, chunk):
+    lp, ent = pk.logprobs_from_hidden(p, CFG, h, b.tokens, 0.7, True, chunk)
+    return jnp.sum(lp * w) + jnp.sum(ent * w[:, ::-1]), (lp, ent)
+
+  g = jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True), static_argnums=2)
+  (gp0, gh0), (lp0, ent0) = g(sharp, h, 0)
+  for chunk in (16, 40):  # 40 divides nothing convenient at this T: padded chunks
+    (gp, gh), (lp, ent) = g(sharp, h, chunk)
+    np.testing.assert_allclose(lp, lp0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ent, ent0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gh, gh0, rtol=1e-4, atol=1e-6)
+    for x, y in zip(jax.tree.leaves(gp), jax.tree.leaves(gp0)):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)

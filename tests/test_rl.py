@@ -11,7 +11,9 @@ from brpo.run import config as C
 from brpo.train import packing as pk
 from brpo.run import rl_step as rl_lib
 from brpo.train import step as train_lib
-from models import config, decoder as dec, sharding as shd
+from jax.sharding import PartitionSpec as P
+
+from models import config, decoder as dec, params as param_lib, sharding as shd
 
 # Fixed here (not the named "tiny", which may be retuned): expected tokens depend on it.
 CFG = config.ModelConfig(vocab_size=64, d_model=192, n_layers=2, n_heads=6, n_kv_heads=2,
@@ -38,16 +40,18 @@ def batch():
   return params, b
 
 
-def _run(params, b, rl, mesh=None):
+def _run(params, b, rl, mesh=None, cfg=CFG, with_state=False):
   # Adam's first update is about lr * sign(g) wherever g is not ~0: lr = 1e-4 keeps float noise
   # in near-zero gradients under the 1e-5 tolerance while a wrong update would exceed it.
-  opt = train_lib.make_optimizer(C.OptimConfig(lr=1e-4), 10)
+  opt = train_lib.make_optimizer(C.OptimConfig(lr=1e-4), 10, cfg)
   params = jax.tree.map(jnp.copy, params)  # the step donates the state
-  state = train_lib.init_train_state(params, opt, 0, mesh, dec.param_axes(CFG) if mesh else None)
-  step = train_lib.make_train_step(CFG, opt, rl, b.response_len)
+  state = train_lib.init_train_state(params, opt, 0, mesh, dec.param_axes(cfg) if mesh else None)
+  step = train_lib.make_train_step(cfg, opt, rl, b.response_len, mesh)
   if mesh is not None:
     b = jax.tree.map(lambda x: rl_lib._put_rows(x, mesh), b)
   state, met = step(state, b)
+  if with_state:
+    return state, opt, jax.device_get(met)
   return jax.device_get(state.params), jax.device_get(met)
 
 
@@ -55,7 +59,20 @@ def test_train_step_sharded_equals_single_device(batch):
   params, b = batch
   p1, m1 = _run(params, b, RL)
   mesh = shd.make_mesh((1, 4, 2))
-  p8, m8 = _run(params, b, RL, mesh)
+  rl2 = C.RLConfig(**{**RL.__dict__, "micro_batches": 2})  # 4 rows per micro-batch, 1 a device
+  state, opt, m8 = _run(params, b, rl2, mesh, with_state=True)
+  # The step's output layout is the one derived from the abstract state: parameters by their
+  # logical axes, Adam's moments like their parameters, the rest replicated.
+  want = train_lib.state_shardings(param_lib.abstract_params(CFG), dec.param_axes(CFG), opt, mesh)
+  assert jax.tree.structure(want) == jax.tree.structure(state)
+  for w_, x in zip(jax.tree.leaves(want), jax.tree.leaves(state)):
+    assert x.sharding.is_equivalent_to(w_, x.ndim), (x.sharding, w_)
+  assert state.params["embed"].sharding.spec == P("tensor", "fsdp")  # vocab 64, d_model 192
+  assert state.params["layers"][0]["w_up"].sharding.spec == P("fsdp", "tensor")
+  mu = state.opt_state[1][0].mu
+  assert mu["layers"][1]["wq"].sharding.spec == state.params["layers"][1]["wq"].sharding.spec
+  assert state.step.sharding.is_fully_replicated
+  p8 = jax.device_get(state.params)
   assert m1["clip_frac"] > 0  # the update does clip
   np.testing.assert_allclose(m8["loss"], m1["loss"], atol=1e-5)
   np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
@@ -76,6 +93,59 @@ def test_micro_batches_equal_full_batch(batch, agg):
     np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, atol=1e-6)
   for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
     np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat,scan", [("full", False), ("dots", True), ("none", True)])
+def test_remat_and_scan_equal_plain(batch, remat, scan):
+  """One update (two micro-batches, float32) with remat and/or scanned layers gives the plain
+  path's parameters; weight decay follows decay_mask in either layout."""
+  params, b = batch
+  rl2 = C.RLConfig(**{**RL.__dict__, "micro_batches": 2})
+  p1, m1 = _run(params, b, rl2)
+  cfg = CFG.replace(remat=remat, scan_layers=scan)
+  p2, m2 = _run(dec.stack_layers(params) if scan else params, b, rl2, cfg=cfg)
+  p2 = dec.unstack_layers(p2)
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_restore_either_layout(tmp_path, batch):
+  """A state saved with stacked layers restores into a per-layer run and back (params and Adam
+  moments converted); runner.restore_state does it by the saved config's layout."""
+  from brpo.run import checkpointing, runner
+
+  params = batch[0]
+  scfg = CFG.replace(scan_layers=True)
+  opt_s = train_lib.make_optimizer(C.OptimConfig(lr=1e-4), 10, scfg)
+  saved = train_lib.init_train_state(dec.stack_layers(params), opt_s, 0)
+  saved = saved.replace(opt_state=jax.tree.map(lambda x: x + 1.0 if x.dtype == jnp.float32
+                                               else x, saved.opt_state))
+  ck = checkpointing.Checkpointer(str(tmp_path / "ck"))
+  ck.save(1, saved, {"step": 1})
+  opt = train_lib.make_optimizer(C.OptimConfig(lr=1e-4), 10, CFG)
+  template = train_lib.init_train_state(jax.tree.map(jnp.zeros_like, params), opt, 0)
+  state, meta = runner.restore_state(ck, template, saved_scan_layers=True)
+  assert meta["step"] == 1 and not dec.is_stacked(state.params)
+  for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(x, y)
+  mu = state.opt_state[1][0].mu
+  np.testing.assert_array_equal(mu["layers"][1]["wq"], np.ones_like(params["layers"][1]["wq"]))
+  # And a per-layer checkpoint into a stacked run.
+  ck.save(2, state, {"step": 2})
+  back, _ = runner.restore_state(ck, saved, saved_scan_layers=False)
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(x, y)
+  ck.close()
+
+
+def test_prompt_bucket_is_per_batch():
+  from brpo.run import multihost
+
+  assert multihost.prompt_bucket([[1] * 80, [1] * 5], cap=1024) == 128
+  assert multihost.prompt_bucket([[1] * 3]) == 8
+  assert multihost.prompt_bucket([[1] * 700], cap=704) == 704  # never above the data set's
 
 
 def test_non_finite_update_is_skipped(batch):

@@ -69,6 +69,15 @@ class ModelSpec:
                       "checkpoint: --model is a path.", choices=INITS)
   dtype: str = setting("float32", "Compute dtype.", choices=DTYPES)
   param_dtype: str = setting("float32", "Parameter dtype.", choices=DTYPES)
+  remat: str = setting("none", "Rematerialisation of each layer in the update (values "
+                       "unchanged): none keeps every activation for the backward pass; full "
+                       "keeps each layer's input only; dots also keeps the projections' "
+                       "outputs. Best paired with --scan_layers.",
+                       choices=model_configs.REMAT_MODES)
+  scan_layers: bool = setting(False, "Run the layer stack as a lax.scan over stacked "
+                              "parameters (compile time independent of depth; with --remat the "
+                              "memory of one layer's activations). Checkpoints keep the layout "
+                              "they were saved in; resume and --mode=eval convert it.")
   template: str = setting("plain", "Prompt template.", choices=tok_lib.TEMPLATES)
   max_prompt_len: int = setting(256, "Longest prompt in tokens.")
   long_prompts: str = setting("skip", "What to do with a prompt longer than --max_prompt_len: "

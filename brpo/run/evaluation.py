@@ -34,13 +34,16 @@ def evaluate(params, cfg: ModelConfig, tokenizer: Tokenizer, toks: at.AnytimeTok
              budgets: Sequence[int], samples: int = 1, summary_len: int = 16,
              temperature: float = 0.6, top_p: float = 1.0, grader, rng,
              batch_prompts: int = 32, prompt_length: int | None = None,
-             progress: bool = True, mesh=None) -> dict[str, Any]:
+             prompt_cap: int | None = None, progress: bool = True,
+             mesh=None) -> dict[str, Any]:
   """Accuracy against budget from one anytime rollout per (question, sample).
 
   Every thinking is sampled once up to max(budgets) and cut at every budget; one summary per
   distinct cut. Returns {"budgets", "accuracy", "anytime_score", "final_accuracy",
   "mean_thinking_tokens", "n_questions", "samples"}. With a `mesh`, rollouts are split over
   its batch axes (and over processes: each grades its own rows, all get the result).
+  Prompts are padded to `prompt_length`, or, when None, to each batch's own bucket
+  (multihost.prompt_bucket, at most `prompt_cap`).
   """
   if not prompts:
     raise ValueError("evaluation needs at least one question")
@@ -60,8 +63,9 @@ def evaluate(params, cfg: ModelConfig, tokenizer: Tokenizer, toks: at.AnytimeTok
     idx = list(range(start, min(start + bp, n)))
     keep = len(idx)
     idx += [idx[-1]] * (bp - keep)  # pad the last batch: same shapes, no recompilation
-    prompt, valid = multihost.prompt_rows([prompts[k] for k in idx], samples, toks.pad_id,
-                                          prompt_length, mesh)
+    batch = [prompts[k] for k in idx]
+    length = prompt_length or multihost.prompt_bucket(batch, prompt_cap)
+    prompt, valid = multihost.prompt_rows(batch, samples, toks.pad_id, length, mesh)
     ro = at.rollout_rows(params, cfg, prompt, valid, spec, toks, jax.random.fold_in(rng, i),
                          think_strategy=strategy, summary_strategy=strategy)
     rows = keep * samples

@@ -21,6 +21,7 @@ from brpo.tasks import data as data_lib
 from models import decoder as dec
 from models import tokenizer as tok_lib
 from models.config import CONFIGS, get_config
+from models.params import relayout
 
 log = logging.getLogger("brpo")
 
@@ -68,6 +69,13 @@ def held_out_accuracy_fn(grader=None) -> Callable:
 def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] = (),
                grader=None):
   """(ModelConfig, params, tokenizer) for `ec.model`; `grader` serves a warm start's checks."""
+  cfg, params, tokenizer = _load_model(ec, eval_examples, grader)
+  # How the stack runs (remat, scanned layers): the parameters follow the layout.
+  cfg = cfg.replace(remat=ec.model.remat, scan_layers=ec.model.scan_layers)
+  return cfg, relayout(params, cfg.scan_layers), tokenizer
+
+
+def _load_model(ec: ExperimentConfig, eval_examples, grader):
   spec = ec.model
   numerics = dict(dtype=spec.dtype, param_dtype=spec.param_dtype)
   if spec.init == "warmstart":

@@ -7,7 +7,9 @@ replicated otherwise. With one process every function is a plain device_put or d
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
+
+import logging
 
 import jax
 import numpy as np
@@ -17,13 +19,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from brpo.rollout import sampling
 from models import sharding as shd
 
+log = logging.getLogger("brpo")
+_warned: set = set()
+
 
 def row_sharding(mesh: Mesh, n_rows: int, ndim: int) -> NamedSharding:
   """Sharding of an [n_rows, ...] array of `ndim` dimensions: rows over (data, fsdp) when that
-  divides n_rows, else replicated."""
+  divides n_rows, else replicated, with a one-line warning (once per row count and mesh): every
+  device then holds, and computes on, every row."""
   s = shd.batch_sharding(mesh, ndim)
   ways = shd._mesh_size(mesh, s.spec[0]) if s.spec and s.spec[0] else 1
-  return s if n_rows % ways == 0 else NamedSharding(mesh, PartitionSpec())
+  if n_rows % ways == 0:
+    return s
+  if (n_rows, ways) not in _warned:
+    _warned.add((n_rows, ways))
+    log.warning("%d rows do not divide over data x fsdp = %d devices: replicated (every device "
+                "computes every row); change the batch sizes or --mesh", n_rows, ways)
+  return NamedSharding(mesh, PartitionSpec())
 
 
 def process_rows(sharding: NamedSharding, n_rows: int) -> slice:
@@ -93,6 +105,18 @@ def gather_rows(local: np.ndarray, like: jax.Array) -> np.ndarray:
     return np.asarray(local)
   n = like.shape[0]
   return fetch(put_rows(local, row_sharding(like.sharding.mesh, n, np.ndim(local)), n))
+
+
+def prompt_bucket(prompts: Sequence[Sequence[int]], cap: int | None = None) -> int:
+  """The padded prompt length of one batch: the next power of two (at least 8) of its longest
+  prompt, at most `cap` (the data set's `_prompt_length`). A batch of ~80-token MATH prompts is
+  padded to 128, not to the longest prompt of the data set, and the powers of two keep the
+  number of compiled shapes to a few (8, 16, ..., cap)."""
+  n = max(len(p) for p in prompts)
+  p = 8
+  while p < n:
+    p *= 2
+  return p if cap is None else max(min(p, cap), n)
 
 
 def prompt_rows(prompts, group_size: int, pad_id: int, prompt_length: int | None = None,

@@ -26,6 +26,7 @@ from brpo.run.scoring import score_rollout
 from brpo.train import packing
 from brpo.train.step import TrainState
 from models.config import ModelConfig
+from models.params import for_decoding
 from models.tokenizer import Tokenizer
 
 
@@ -92,6 +93,8 @@ class RLContext:
   train_step: Callable
   lr_fn: Callable[[int], float]
   mesh: Any = None
+  # Prompts are padded to each batch's bucket (multihost.prompt_bucket) of at most this length
+  # (the data set's longest prompt's bucket); None: no cap.
   prompt_length: int | None = None
   logprob_fn: Callable | None = None  # (params, rows) -> log-probs [B, T]: old_logp=recompute
 
@@ -124,8 +127,10 @@ def rl_step(state: TrainState, prompts: Sequence[Sequence[int]], references: Seq
   strategy = sampling.make_strategy(rl.temperature, rl.top_p)
   t0 = time.perf_counter()
   prompt, valid = multihost.prompt_rows(prompts, spec.group_size, ctx.toks.pad_id,
-                                       ctx.prompt_length, ctx.mesh)
-  ro = at.rollout_rows(state.params, ctx.cfg, prompt, valid, spec, ctx.toks, key_roll,
+                                       multihost.prompt_bucket(prompts, ctx.prompt_length),
+                                       ctx.mesh)
+  roll_params, roll_cfg = for_decoding(state.params, ctx.cfg)
+  ro = at.rollout_rows(roll_params, roll_cfg, prompt, valid, spec, ctx.toks, key_roll,
                        think_strategy=strategy, summary_strategy=strategy, timings=timings,
                        rollout_batch=rl.rollout_batch, compact_every=rl.compact_every)
   t1 = time.perf_counter()

@@ -33,6 +33,7 @@ from brpo.run.config import ExperimentConfig, OptimConfig, RLConfig
 from models import decoder as dec
 from models import sharding as shd
 from models.config import ModelConfig
+from models.params import for_decoding, relayout
 
 log = logging.getLogger("brpo")
 
@@ -42,6 +43,7 @@ log = logging.getLogger("brpo")
 
 
 def _prompt_length(prompts: Sequence[Sequence[int]]) -> int:
+  """The padded prompt length that fits every prompt of a data set: the cap of `prompt_bucket`."""
   return sampling.bucket_length(max(len(p) for p in prompts))
 
 
@@ -91,14 +93,15 @@ class Run:
     budgets = evaluation.eval_budgets(b_max, ec.eval.n_budgets)
     all_prompts, all_refs = prompts or (self.eval_prompts, self.eval_refs)
     n = limit or len(all_prompts)
+    params, cfg = for_decoding(params, self.cfg)
     result = evaluation.evaluate(
-        params, self.cfg, self.tokenizer, self.toks, all_prompts[:n], all_refs[:n],
+        params, cfg, self.tokenizer, self.toks, all_prompts[:n], all_refs[:n],
         budgets=budgets, samples=ec.eval.samples,
         summary_len=ec.eval.summary_len or ec.rl.summary_len, temperature=ec.eval.temperature,
         top_p=ec.eval.top_p, grader=self.grader,
         rng=jax.random.fold_in(jax.random.PRNGKey(ec.run.seed + 1), step or 0),
         batch_prompts=min(64, max(8, ec.rl.prompts_per_batch)),
-        prompt_length=_prompt_length(all_prompts),
+        prompt_length=None, prompt_cap=_prompt_length(all_prompts),
         progress=ec.run.progress and self.is_main, mesh=self.mesh)
     result["step"] = step
     result["eval_data"] = ec.data.eval
@@ -128,7 +131,7 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
   response_len = spec.b_max + len(spec.budgets) * rl.n_summaries * (n_ins + rl.summary_len)
   updates_per_step = rl.ppo_epochs * (rl.prompts_per_batch // rl.mini_batch_prompts)
   optimizer, train_step, logprob_fn = _train_fns(cfg, ec.optim, rl,
-                                                 run.steps * updates_per_step, response_len)
+                                                 run.steps * updates_per_step, response_len, mesh)
   state = train_lib.init_train_state(r.params, optimizer, run.seed, mesh, dec.param_axes(cfg),
                                   with_ref=rl.kl_coef > 0)
   del r.params
@@ -153,7 +156,8 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
       diff = _signature_diff(meta.get("signature") or {}, signature)
       raise ValueError(f"{run.workdir}: holds a checkpoint of a different config ({diff}); "
                        "use another --workdir or the same flags")
-    state, meta = ckpt.restore(state)
+    saved_scan = bool(meta.get("config", {}).get("model", {}).get("scan_layers", False))
+    state, meta = restore_state(ckpt, state, saved_scan)
     data.restore(meta["data"])
     start = int(meta["step"])
     log.info("resumed from %s at step %d", ckpt.directory, start)
@@ -217,15 +221,32 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
     r.close()
 
 
+def restore_state(ckpt: Checkpointer, template, saved_scan_layers: bool, step=None):
+  """(state, meta) of a checkpoint saved in either parameter layout (stacked for
+  --scan_layers, or per layer), returned in the layout and shardings of `template` (a state of
+  the current run). Params, ref_params and the optimizer's moments are converted alike."""
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      template)
+  state, meta = ckpt.restore(relayout(abstract, saved_scan_layers), step)
+  scan_now = dec.is_stacked(template.params)
+  if saved_scan_layers != scan_now:
+    log.info("checkpoint layers %s: converted to the run's layout",
+             "stacked" if saved_scan_layers else "per layer")
+    state = jax.device_put(relayout(state, scan_now),
+                           jax.tree.map(lambda x: x.sharding, abstract))
+  return state, meta
+
+
 @functools.lru_cache(maxsize=8)
 def _train_fns(cfg: ModelConfig, optim: OptimConfig, rl: RLConfig, total_updates: int,
-               response_len: int):
+               response_len: int, mesh=None):
   """(optimizer, jitted train step, jitted log-prob function) of a configuration, built once per
   process: later runs in the same process (an ablation, a test, a resumed run in a notebook)
   reuse their compilations. `_train_fns.cache_clear()` drops them."""
-  optimizer = train_lib.make_optimizer(optim, total_updates)
-  return (optimizer, train_lib.make_train_step(cfg, optimizer, rl, response_len),
-          train_lib.make_logprob_fn(cfg, rl))
+  optimizer = train_lib.make_optimizer(optim, total_updates, cfg)
+  return (optimizer, train_lib.make_train_step(cfg, optimizer, rl, response_len, mesh),
+          train_lib.make_logprob_fn(cfg, rl, mesh))
 
 
 def _trained_params(r: Run, ec: ExperimentConfig):
@@ -238,11 +259,22 @@ def _trained_params(r: Run, ec: ExperimentConfig):
       # The saved state's tree depends on the saved run's optimizer: rebuild its template.
       saved = config_from_dict(ckpt.restore_meta()["config"])
       upd = saved.rl.ppo_epochs * (saved.rl.prompts_per_batch // saved.rl.mini_batch_prompts)
-      opt = train_lib.make_optimizer(saved.optim, saved.run.steps * upd)
-      template = train_lib.init_train_state(params, opt, saved.run.seed, r.mesh,
-                                            dec.param_axes(r.cfg),
-                                            with_ref=saved.rl.kl_coef > 0)
-      state, _ = ckpt.restore(template)
+      # The optimizer as the saved run built it: weight decay masked to the matrices (this
+      # version) or, for a checkpoint written before that, applied to every parameter (its
+      # optimizer state has no mask node). Either parameter layout (--scan_layers) is read.
+      state = None
+      for masked in (True, False):
+        opt = train_lib.make_optimizer(saved.optim, saved.run.steps * upd,
+                                       r.cfg if masked else None)
+        template = train_lib.init_train_state(params, opt, saved.run.seed, r.mesh,
+                                              dec.param_axes(r.cfg),
+                                              with_ref=saved.rl.kl_coef > 0)
+        try:
+          state, _ = restore_state(ckpt, template, saved.model.scan_layers)
+          break
+        except (ValueError, KeyError, TypeError):
+          if not masked:
+            raise
       params, step = state.params, ckpt.latest_step()
       log.info("evaluating checkpoint step %d of %s", step, ckdir)
     ckpt.close()

@@ -4,9 +4,13 @@ computed twice.
 
 Row layout, T = P + b_m + C * W slots (C = m * A branches, W = I + S slots each):
   [prompt (P, left-padded) | thinking (b_m) | branch 1 (W) | ... | branch C (W)]
-A branch holds its inserted tokens, then its summary. Position ids continue from each cut, and the
-mask of models.masks.tree_mask lets a branch token see the prompt, the thinking up to its cut
-and the earlier tokens of its own branch.
+A branch holds its inserted tokens, then its summary; the row is then padded (branch -1) up to a
+multiple of the attention block (`padded_length`), so the blockwise kernel never copies q/k/v.
+Position ids continue from each cut, and the mask of models.masks.tree_mask lets a branch token
+see the prompt, the thinking up to its cut and the earlier tokens of its own branch. Training
+attention is `models.attention.packed_attention` (flash-style, memory linear in T) on the
+(branch, limit) descriptors; the log-probs and entropy of the trained tokens are computed in
+chunks of slots (`logprobs_from_hidden`), never as a row's whole [T, V] float32 logits.
 """
 
 from __future__ import annotations
@@ -18,9 +22,21 @@ import jax.numpy as jnp
 from brpo.core import advantages as adv_lib
 from brpo.core import budgets as budgets_lib
 from brpo.rollout.anytime import AnytimeRollout
+from models import attention as attn
 from models import decoder as dec
 from models import masks
 from models.config import ModelConfig
+
+BLOCK = 128  # the blockwise attention kernel's block (models.attention.blockwise_attention)
+LOGIT_CHUNK = 512  # slots per chunk of the log-prob / entropy computation
+
+
+def padded_length(t: int, block: int = BLOCK) -> int:
+  """Slots of a packed row of t slots: a multiple of `block` (of 8 for a row shorter than one
+  block), the lengths the attention kernel takes without padding q, k and v itself."""
+  if t <= block:
+    return -(-t // 8) * 8
+  return -(-t // block) * block
 
 
 @flax.struct.dataclass
@@ -40,11 +56,14 @@ class PackedBatch:
   # n_branches = 0: plain causal rows (see `unpack`).
   trunk_len: int = flax.struct.field(pytree_node=False, default=0)
   n_branches: int = flax.struct.field(pytree_node=False, default=0)
+  branch_width: int = flax.struct.field(pytree_node=False, default=0)
+  # Slots after trunk_len + n_branches * branch_width are padding (up to `padded_length`).
 
   @property
   def response_len(self) -> int:
-    """The constant of Dr. GRPO's denominator: slots that can hold generated tokens."""
-    return self.tokens.shape[1] - self.prompt_len
+    """The constant of Dr. GRPO's denominator: slots that can hold generated tokens (the
+    padding up to the attention block is not counted)."""
+    return self.trunk_len + self.n_branches * self.branch_width - self.prompt_len
 
 
 def pack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) -> PackedBatch:
@@ -109,11 +128,18 @@ def pack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) -> P
   br_lp = jnp.where(br_train, sum_lp, 0.0)
 
   flat = lambda x: x.reshape(r, c * w)
-  cat = lambda t, b: jnp.concatenate([t, flat(jnp.broadcast_to(b, (r, m, a, w)))], axis=1)
+  n_pad = padded_length(p + b_max + c * w) - (p + b_max + c * w)
+
+  def cat(t, b, fill=0):
+    """Trunk [R, P + b_m] and branches [R, m, A, W] -> the padded row [R, T]."""
+    row = jnp.concatenate([t, flat(jnp.broadcast_to(b, (r, m, a, w)))], axis=1)
+    return jnp.pad(row, ((0, 0), (0, n_pad)), constant_values=fill)
+
   return PackedBatch(
       tokens=cat(trunk_tokens, br_tokens).astype(jnp.int32),
       positions=cat(trunk_pos, br_pos).astype(jnp.int32),
-      branch=cat(jnp.where(trunk_valid, masks.TRUNK, masks.PAD), br_branch).astype(jnp.int32),
+      branch=cat(jnp.where(trunk_valid, masks.TRUNK, masks.PAD), br_branch,
+                 masks.PAD).astype(jnp.int32),
       limit=cat(jnp.where(trunk_valid, trunk_limit, 0), br_limit).astype(jnp.int32),
       loss_mask=cat(trunk_train, br_train),
       old_logp=cat(jnp.concatenate([zeros_p, jnp.where(think_valid, ro.thinking_logp, 0.0)],
@@ -121,68 +147,90 @@ def pack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) -> P
       advantages=cat(jnp.concatenate([zeros_p, think_adv], 1),
                      br_adv).astype(jnp.float32),
       is_summary=cat(jnp.zeros_like(trunk_train), br_train),
-      prompt_len=p, trunk_len=p + b_max, n_branches=c)
-
-
-def tree_attention(q, k, v, batch: PackedBatch):
-  """Attention over packed rows that uses their block structure instead of a dense [T, T] mask.
-
-  Trunk queries attend causally within the trunk; the W queries of branch c attend to trunk
-  slots < its limit and causally within their own branch, through one softmax. Score work is
-  Tt^2 + C W (Tt + W) instead of (Tt + C W)^2. Equals `attention` with `tree_mask` (tested).
-  q: [B, T, H, Dh]; k, v: [B, T, K, Dh] -> [B, T, H, Dh].
-  """
-  b, t, h, dh = q.shape
-  kh = k.shape[2]
-  tt, c = batch.trunk_len, batch.n_branches
-  trunk_mask = masks.tree_mask(batch.branch[:, :tt], batch.limit[:, :tt])
-  out_trunk = dec.attention(q[:, :tt], k[:, :tt], v[:, :tt], trunk_mask)
-  if c == 0:
-    return out_trunk
-  w = (t - tt) // c
-  qb = q[:, tt:].reshape(b, c, w, kh, h // kh, dh)
-  kb = k[:, tt:].reshape(b, c, w, kh, dh)
-  vb = v[:, tt:].reshape(b, c, w, kh, dh)
-  br_valid = batch.branch[:, tt:].reshape(b, c, w) > 0
-  limit = jnp.max(batch.limit[:, tt:].reshape(b, c, w), axis=-1)  # [B, C]
-  trunk_valid = batch.branch[:, :tt] == masks.TRUNK
-  see_trunk = trunk_valid[:, None, :] & (jnp.arange(tt)[None, None] < limit[..., None])
-  see_own = br_valid[:, :, None, :] & (jnp.arange(w)[:, None] >= jnp.arange(w)[None, :])
-  scale = dh ** -0.5
-  s_tr = jnp.einsum("bcwkgd,btkd->bckgwt", qb, k[:, :tt],
-                    preferred_element_type=jnp.float32) * scale
-  s_own = jnp.einsum("bcwkgd,bcskd->bckgws", qb, kb, preferred_element_type=jnp.float32) * scale
-  s_tr = jnp.where(see_trunk[:, :, None, None, None, :], s_tr, dec.NEG_INF)
-  s_own = jnp.where(see_own[:, :, None, None], s_own, dec.NEG_INF)
-  p = jax.nn.softmax(jnp.concatenate([s_tr, s_own], axis=-1), axis=-1)
-  p_tr, p_own = p[..., :tt].astype(v.dtype), p[..., tt:].astype(v.dtype)
-  o = (jnp.einsum("bckgwt,btkd->bcwkgd", p_tr, v[:, :tt])
-       + jnp.einsum("bckgws,bcskd->bcwkgd", p_own, vb))
-  return jnp.concatenate([out_trunk, o.reshape(b, c * w, h, dh)], axis=1)
+      prompt_len=p, trunk_len=p + b_max, n_branches=c, branch_width=w)
 
 
 def token_logprobs(params, cfg: ModelConfig, batch: PackedBatch, temperature: float = 1.0,
-                   with_entropy: bool = False, dense: bool = False):
+                   with_entropy: bool = False, dense: bool = False, mesh=None,
+                   chunk: int = LOGIT_CHUNK):
   """One forward over packed rows -> per-slot log-probs [R, T] (slot 0 gets 0) of each token
   given the slot before it, at `temperature`; and per-slot entropy if asked.
 
-  `dense` uses a full [T, T] tree mask instead of `tree_attention` (the reference).
+  Attention is the blockwise kernel on the rows' (branch, limit) descriptors; `dense` uses the
+  full [T, T] tree mask instead (the reference; a padding query then averages uniformly instead
+  of giving 0, which no trained slot reads). `mesh`: activations constrained to it (rows over
+  (data, fsdp), heads and MLP over tensor). `chunk`: slots per chunk of the log-prob and entropy
+  computation (0: the whole row at once, the reference).
   """
   if dense:
     mask = masks.tree_mask(batch.branch, batch.limit)
     attend = lambda q, k, v, s: (dec.attention(q, k, v, mask), s)
   else:
-    attend = lambda q, k, v, s: (tree_attention(q, k, v, batch), s)
-  h, _ = dec.decoder(params, cfg, batch.tokens, batch.positions, attend, [None] * cfg.n_layers)
-  logits = dec.logits_from_hidden(params, cfg, h[:, :-1]) / temperature
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  tgt = jnp.take_along_axis(logits, batch.tokens[:, 1:, None], axis=-1)[..., 0]
-  logp = jnp.pad(tgt - logz, ((0, 0), (1, 0)))
+    attend = lambda q, k, v, s: (attn.packed_attention(q, k, v, batch.branch, batch.limit), s)
+  h, _ = dec.decoder(params, cfg, batch.tokens, batch.positions, attend, [None] * cfg.n_layers,
+                     mesh=mesh)
+  return logprobs_from_hidden(params, cfg, h, batch.tokens, temperature, with_entropy, chunk)
+
+
+def _chunk_size(t: int, target: int) -> int:
+  """The largest divisor of t that is <= target (t itself when t <= target)."""
+  if t <= target:
+    return t
+  for c in range(target, 0, -1):
+    if t % c == 0:
+      return c
+  return 1
+
+
+def logprobs_from_hidden(params, cfg: ModelConfig, h, tokens, temperature: float = 1.0,
+                         with_entropy: bool = False, chunk: int = LOGIT_CHUNK):
+  """Final hidden states [R, T, D] -> log-probs [R, T] of tokens[:, t] given slot t - 1 (slot 0
+  gets 0), and the entropy of slot t - 1's distribution if asked.
+
+  With chunk > 0 the slots go `chunk` at a time through a `lax.scan` whose body is
+  `jax.checkpoint`ed: the forward keeps only the [R, chunk, V] float32 logits of one chunk, and
+  the backward recomputes them chunk by chunk, so a row's whole [T, V] logits (6 GB at the
+  paper's shape) never exist. chunk=0: the whole row at once (the reference).
+  """
+  b, t, _ = h.shape
+  dt = cfg.compute_dtype
+  # The head weight is cast once, outside the loop over chunks.
+  w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+  w = w.astype(dt)
+  spec = "bcd,vd->bcv" if cfg.tie_embeddings else "bcd,dv->bcv"
+  tgt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # slot t predicts token t + 1
+
+  def piece(w, h_c, tgt_c):
+    logits = jnp.einsum(spec, h_c.astype(dt), w, preferred_element_type=jnp.float32)
+    logits = logits / temperature
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    lp = jnp.take_along_axis(logits, tgt_c[..., None], axis=-1)[..., 0] - logz
+    if not with_entropy:
+      return lp, None
+    probs = jax.nn.softmax(logits, axis=-1)
+    return lp, logz - jnp.sum(probs * logits, axis=-1)
+
+  if chunk <= 0 or chunk >= t:
+    lp, ent = piece(w, h, tgt)
+  else:
+    c = _chunk_size(t, chunk)
+    if c < chunk // 4:  # t has no convenient divisor: pad the slots to whole chunks
+      c = chunk
+    n = -(-t // c)
+    pad = n * c - t
+    h_p = jnp.pad(h, ((0, 0), (0, pad), (0, 0))) if pad else h
+    tgt_p = jnp.pad(tgt, ((0, 0), (0, pad))) if pad else tgt
+    hs = jnp.moveaxis(h_p.reshape(b, n, c, h.shape[-1]), 1, 0)
+    ts = jnp.moveaxis(tgt_p.reshape(b, n, c), 1, 0)
+    body = jax.checkpoint(piece)
+    _, (lp, ent) = jax.lax.scan(lambda _, x: (None, body(w, *x)), None, (hs, ts))
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * c)[:, :t]
+    lp = unchunk(lp)
+    ent = None if ent is None else unchunk(ent)
+  shift = lambda x: jnp.pad(x[:, :-1], ((0, 0), (1, 0)))
   if not with_entropy:
-    return logp
-  probs = jax.nn.softmax(logits, axis=-1)
-  ent = logz - jnp.sum(probs * logits, axis=-1)
-  return logp, jnp.pad(ent, ((0, 0), (1, 0)))
+    return shift(lp)
+  return shift(lp), shift(ent)
 
 
 def unpack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) -> PackedBatch:
@@ -197,7 +245,7 @@ def unpack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) ->
   r, p = ro.prompt.shape
   tt = p + ro.thinking.shape[1]  # trunk slots
   c = ro.summary.shape[1] * ro.summary.shape[2]
-  w = (packed.tokens.shape[1] - tt) // c
+  w = packed.branch_width
   length = tt + w
   # Slot t of a branch row reads trunk slot t while t < P + cut, then branch slot t - P - cut.
   t = jnp.arange(length)[None, None]
@@ -209,7 +257,7 @@ def unpack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) ->
 
   def rows(x, fill, thinking_fill=None):
     """[R, T] packed field -> [R * (1 + C), L] unpacked rows."""
-    trunk, br = x[:, :tt], x[:, tt:].reshape(r, c, w)
+    trunk, br = x[:, :tt], x[:, tt:tt + c * w].reshape(r, c, w)
     both = jnp.concatenate([jnp.broadcast_to(trunk[:, None], (r, c, tt)), br], axis=-1)
     b_rows = jnp.where(in_range, jnp.take_along_axis(both, src, axis=-1), fill)
     if thinking_fill is not None:  # thinking tokens are trained in the thinking row only
@@ -220,7 +268,7 @@ def unpack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) ->
 
   branch = rows(packed.branch, masks.PAD)
   # A repeated cut has no branch tokens: its whole row is padding.
-  has_own = jnp.any(packed.branch[:, tt:].reshape(r, c, w) != masks.PAD, axis=-1)
+  has_own = jnp.any(packed.branch[:, tt:tt + c * w].reshape(r, c, w) != masks.PAD, axis=-1)
   has_own = jnp.concatenate([jnp.ones((r, 1), bool), has_own], 1).reshape(-1, 1)
   valid = (branch != masks.PAD) & has_own
   return PackedBatch(

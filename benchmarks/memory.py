@@ -1,0 +1,188 @@
+"""XLA's memory figure of the paper-shape update, ahead of time, on CPU, without weights.
+
+  python -m benchmarks.memory [--remat=full] [--scan_layers=true] [--b_max=8000,2048] [--quick]
+
+The update of experiments/configs/deepseek_r1_1.5b_math.flags is compiled from ShapeDtypeStruct
+inputs (`jax.jit(train_step).lower(state, batch).compile().memory_analysis()`): the
+DeepSeek-R1-Distill-Qwen-1.5B config, bfloat16 compute, float32 parameters, AdamW with gradient
+clipping, packed rows of prompt 1024 + b_max thinking + m * A branches of (inserted + S) slots
+(m=4, A=4, S=128), one packed row per device per micro-batch, over a mini-batch of 32 prompts x 8
+thinkings. Two layouts: one device, and an fsdp=8 mesh of 8 fake CPU devices (XLA_FLAGS is set
+before jax is imported). Per device: arguments + outputs + temporaries - donated aliases, in GB
+(1e9 bytes). The last line is one JSON object.
+
+CPU figures are XLA:CPU's buffer assignment: a GPU compile schedules differently (and keeps
+bfloat16 matmuls in bfloat16), so read them as the design check they are, not as a GPU measurement.
+Also printed: the rollout's KV-cache bytes per row of a thinking of b_max tokens, and how many rows
+fit in 80 GB beside the parameters (the rollout is decoded in chunks of rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from brpo.run import config as run_config  # noqa: E402
+from brpo.train import packing as pk  # noqa: E402
+from brpo.train import step as train_lib  # noqa: E402
+from models import config as model_configs  # noqa: E402
+from models import params as param_lib  # noqa: E402
+from models import sharding as shd  # noqa: E402
+
+GB = 1e9
+
+
+def packed_shape(prompt_len: int, b_max: int, m: int, a: int, s: int, n_insert: int):
+  """(slots T, trunk length, branches, branch width) of a packed row (brpo.train.packing)."""
+  w = n_insert + s
+  trunk = prompt_len + b_max
+  return pk.padded_length(trunk + m * a * w), trunk, m * a, w
+
+
+def abstract_batch(rows: int, t: int, prompt_len: int, trunk: int, c: int, w: int,
+                   sharding=None) -> pk.PackedBatch:
+  sds = lambda dt: jax.ShapeDtypeStruct((rows, t), dt, sharding=sharding)
+  return pk.PackedBatch(
+      tokens=sds(jnp.int32), positions=sds(jnp.int32), branch=sds(jnp.int32),
+      limit=sds(jnp.int32), loss_mask=sds(jnp.bool_), old_logp=sds(jnp.float32),
+      advantages=sds(jnp.float32), is_summary=sds(jnp.bool_), prompt_len=prompt_len,
+      trunk_len=trunk, n_branches=c, branch_width=w)
+
+
+def abstract_state(cfg, optimizer, mesh) -> train_lib.TrainState:
+  params = param_lib.abstract_params(cfg)
+  shardings = train_lib.state_shardings(params, param_lib.param_axes(cfg), optimizer, mesh)
+  opt = jax.eval_shape(optimizer.init, params)
+  with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  return train_lib.TrainState(
+      params=jax.tree.map(with_sharding, params, shardings.params),
+      opt_state=jax.tree.map(with_sharding, opt, shardings.opt_state),
+      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
+      rng=with_sharding(jax.eval_shape(lambda: jax.random.PRNGKey(0)), shardings.rng))
+
+
+def update_memory(cfg, ec: run_config.ExperimentConfig, mesh, rows_per_device: int, t: int,
+                  trunk: int, c: int, w: int) -> dict:
+  """Compiles the update of one mini-batch on `mesh`; returns XLA's memory figures per device."""
+  rl, oc = ec.rl, ec.optim
+  n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = rl.mini_batch_prompts * rl.group_size
+  micro = rows // (rows_per_device * n_dev)
+  rl = run_config.RLConfig(**{**rl.__dict__, "micro_batches": micro})
+  updates = rl.ppo_epochs * (rl.prompts_per_batch // rl.mini_batch_prompts)
+  optimizer = train_lib.make_optimizer(oc, ec.run.steps * updates, cfg)
+  step = train_lib.make_train_step(cfg, optimizer, rl, trunk + c * w - ec.model.max_prompt_len,
+                                   mesh)
+  state = abstract_state(cfg, optimizer, mesh)
+  batch = abstract_batch(rows, t, ec.model.max_prompt_len, trunk, c, w,
+                         shd.batch_sharding(mesh, 2))
+  t0 = time.time()
+  compiled = step.lower(state, batch).compile()
+  mem = compiled.memory_analysis()
+  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes)
+  return dict(peak_gb=peak / GB, argument_gb=mem.argument_size_in_bytes / GB,
+              output_gb=mem.output_size_in_bytes / GB, temp_gb=mem.temp_size_in_bytes / GB,
+              alias_gb=mem.alias_size_in_bytes / GB, rows=rows, micro_batches=micro,
+              rows_per_micro_batch=rows // micro, slots=t, compile_s=time.time() - t0)
+
+
+def kv_cache_report(cfg, prompt_len: int, b_max: int, state_gb_1dev: float, hbm_gb: float = 80):
+  """Bytes of the rollout's bfloat16 KV cache per row (prompt + thinking) and rows that fit."""
+  per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # k and v, bfloat16
+  per_row = per_token * (prompt_len + b_max)
+  params_gb = cfg.n_params * 4 / GB  # float32 parameters
+  return dict(kv_bytes_per_token=per_token, kv_gb_per_row=per_row / GB, params_gb=params_gb,
+              rows_in_80gb_beside_params=int((hbm_gb - params_gb) * GB // per_row),
+              rows_in_80gb_beside_train_state_1dev=int((hbm_gb - state_gb_1dev) * GB // per_row),
+              rows_needed=64 * 8)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--flagfile", default="experiments/configs/deepseek_r1_1.5b_math.flags",
+                  help="the run whose optimizer, batch sizes and --remat/--scan_layers are used")
+  ap.add_argument("--model", default="deepseek-r1-distill-qwen-1.5b")
+  ap.add_argument("--remat", default="", help="override the flagfile's --remat")
+  ap.add_argument("--scan_layers", default="", help="override the flagfile's --scan_layers")
+  ap.add_argument("--b_max", default="8000,2048", help="comma-separated thinking budgets")
+  ap.add_argument("--prompt_len", type=int, default=1024)
+  ap.add_argument("--n_insert", type=int, default=12,
+                  help="inserted tokens before a summary (the R1 template's cut text)")
+  ap.add_argument("--rows_per_device", type=int, default=1, help="packed rows per device per "
+                  "micro-batch")
+  ap.add_argument("--devices", type=int, default=8, help="the fsdp mesh's size")
+  ap.add_argument("--quick", action="store_true", help="only the one-device case at 2048")
+  args = ap.parse_args(argv)
+
+  from experiments import gsm_math
+
+  extra = []
+  if args.remat:
+    extra.append(f"--remat={args.remat}")
+  if args.scan_layers:
+    extra.append(f"--scan_layers={args.scan_layers}")
+  ec = gsm_math.config_from_args([f"--flagfile={args.flagfile}", "--init=random",
+                                  f"--model={args.model}", *extra])
+  cfg = model_configs.get_config(args.model, dtype=ec.model.dtype,
+                                 param_dtype=ec.model.param_dtype, remat=ec.model.remat,
+                                 scan_layers=ec.model.scan_layers)
+  rl = ec.rl
+  m, a, s = rl.n_budgets, rl.n_summaries, rl.summary_len
+  print(f"{args.model}: {cfg.n_params / 1e9:.2f}B parameters ({cfg.param_dtype}), compute "
+        f"{cfg.dtype}, remat={cfg.remat}, scan_layers={cfg.scan_layers}; m={m}, A={a}, S={s}, "
+        f"prompt {args.prompt_len}, {args.n_insert} inserted tokens; mini-batch "
+        f"{rl.mini_batch_prompts} x {rl.group_size} rows; {jax.device_count()} CPU devices")
+  one = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  fsdp = shd.make_mesh((1, args.devices, 1), devices=jax.devices()[:args.devices])
+  budgets = [int(b) for b in args.b_max.split(",")]
+  if args.quick:
+    budgets, meshes = [min(budgets)], {"1dev": one}
+  else:
+    meshes = {"1dev": one, f"fsdp{args.devices}": fsdp}
+  out, details = {}, {}
+  for b_max in budgets:
+    t, trunk, c, w = packed_shape(args.prompt_len, b_max, m, a, s, args.n_insert)
+    for name, mesh in meshes.items():
+      ec_b = run_config.ExperimentConfig(
+          model=run_config.ModelSpec(**{**ec.model.__dict__, "max_prompt_len": args.prompt_len}),
+          rl=run_config.RLConfig(**{**rl.__dict__, "b_max": b_max}), optim=ec.optim,
+          run=ec.run, data=ec.data, eval=ec.eval)
+      r = update_memory(cfg, ec_b, mesh, args.rows_per_device, t, trunk, c, w)
+      details[f"b{b_max}_{name}"] = r
+      print(f"b_max={b_max:5d} T={t:6d} {name:>6}: {r['peak_gb']:6.2f} GB per device "
+            f"(arguments {r['argument_gb']:.2f}, outputs {r['output_gb']:.2f}, temporaries "
+            f"{r['temp_gb']:.2f}, donated {r['alias_gb']:.2f}); {r['rows']} rows in "
+            f"{r['micro_batches']} micro-batches of {r['rows_per_micro_batch']}; compiled in "
+            f"{r['compile_s']:.0f} s", flush=True)
+      suffix = "" if b_max == 8000 else f"_b{b_max}"
+      key = "paper_train_gb_1dev" if name == "1dev" else f"paper_train_gb_per_dev_{name}"
+      out[key + suffix] = round(r["peak_gb"], 2)
+  state_gb = details.get("b8000_1dev", next(iter(details.values())))["argument_gb"]
+  kv = kv_cache_report(cfg, args.prompt_len, max(budgets), state_gb)
+  print(f"rollout KV cache (bfloat16): {kv['kv_bytes_per_token']} bytes per token, "
+        f"{kv['kv_gb_per_row']:.3f} GB per row of {args.prompt_len} + {max(budgets)} tokens; in "
+        f"80 GB beside the float32 parameters ({kv['params_gb']:.1f} GB): "
+        f"{kv['rows_in_80gb_beside_params']} rows; beside the whole train state on one device "
+        f"({state_gb:.1f} GB): {kv['rows_in_80gb_beside_train_state_1dev']} rows "
+        f"(the paper's batch: {kv['rows_needed']} thinkings)")
+  out.update(remat=cfg.remat, scan_layers=cfg.scan_layers,
+             kv_gb_per_row=round(kv["kv_gb_per_row"], 4),
+             rollout_rows_in_80gb_beside_params=kv["rows_in_80gb_beside_params"])
+  print(json.dumps(out))
+  return out, details
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
