@@ -30,7 +30,8 @@ def ref_returns_and_baselines(r, P, mode, lam=0.5):
   for n in range(N):
     for g in range(G):
       for s in range(m):
-        V2[n, g, s] = sum(R[n, h, s] for h in range(G)) / G
+        # A group of one has no group baseline: 0 (the official code's rule).
+        V2[n, g, s] = sum(R[n, h, s] for h in range(G)) / G if G > 1 else 0.0
   V1 = np.zeros((N, G, m))
   for n in range(N):
     for g in range(G):

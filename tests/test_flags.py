@@ -24,7 +24,8 @@ RENAMED = {"train_data": ("data", "train"), "eval_data": ("data", "eval"),
            "eval_b_max": ("eval", "b_max"), "eval_samples": ("eval", "samples"),
            "eval_temperature": ("eval", "temperature"), "eval_top_p": ("eval", "top_p"),
            "eval_summary_len": ("eval", "summary_len"),
-           "eval_periodic_size": ("eval", "periodic_size")}
+           "eval_periodic_size": ("eval", "periodic_size"),
+           "eval_benchmarks": ("eval", "benchmarks")}
 FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.flags")))
 
 
