@@ -6,7 +6,7 @@ gradient accumulation of the (sum, denominator) loss, a skipped update when anyt
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -19,8 +19,9 @@ from models import params as param_lib
 from models import sharding as shd
 from models.config import ModelConfig
 
-if TYPE_CHECKING:  # The run's frozen configs; only their fields are read here.
-  from brpo.run.config import OptimConfig, RLConfig
+# The run's frozen configs (brpo.run.config.OptimConfig / RLConfig) are passed in; only their
+# fields are read here, so this package does not import the run system.
+OptimConfig = RLConfig = Any
 
 
 @flax.struct.dataclass
