@@ -162,7 +162,7 @@ GOOD = '{"question": "What is 1+1?", "answer": "1+1=2\\n#### 2"}\n'
 
 def test_malformed_json_line(tmp_path):
   data = write(tmp_path / "eval.jsonl", GOOD + GOOD + '{"question": "x", "answer": "#### 1"\n')
-  assert run_cli(*tiny(tmp_path, f"--eval_data={data}")) == (
+  assert run_cli(*tiny(tmp_path, f"--eval_data={data}", "--on_bad_record=error")) == (
       f"{data}:3: malformed JSON (Expecting ',' delimiter at column 37)")
 
 

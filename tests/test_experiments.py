@@ -33,7 +33,8 @@ def small(name: str, workdir, warmstart_dir, *extra: str) -> list[str]:
           f"--warmstart_dir={warmstart_dir}", f"--warmstart_steps={WARMSTART_STEPS}",
           "--steps=1", "--prompts_per_batch=2", "--mini_batch_prompts=2", "--group_size=2",
           "--b_max=24", "--eval_size=4", "--eval_budgets=2", "--checkpoint_every=1",
-          "--progress=false", *extra]
+          # 4 rows per update split over fsdp = 4 (rows that do not divide the mesh are an error)
+          "--mesh=1,4,2", "--progress=false", *extra]
 
 
 @pytest.mark.parametrize("name", TINY_RUNS)

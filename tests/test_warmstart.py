@@ -136,13 +136,13 @@ def test_warm_start_stops_at_the_target_accuracy(tmp_path):
 
 
 def test_held_out_accuracy_is_the_main_evaluator_on_gold_traces(tok, cfg):
-  """The run's stop check (brpo.run.runner.held_out_accuracy_fn) grades through the main
+  """The run's stop check (brpo.run.loading.held_out_accuracy_fn) grades through the main
   anytime evaluator: a model trained to copy gold traces scores, an untrained one does not."""
   from brpo.grading import Grader
-  from brpo.run import runner
+  from brpo.run import loading
 
   examples = arith.generate(8, 3, TASK)
   params = dec.init_params(cfg, jax.random.PRNGKey(0))
   with Grader(num_workers=1) as grader:
-    acc = runner.held_out_accuracy_fn(grader)(params, cfg, tok, examples, 40)
+    acc = loading.held_out_accuracy_fn(grader)(params, cfg, tok, examples, 40)
   assert acc == 0.0  # random weights never close the thinking and box the right number
