@@ -64,8 +64,11 @@ def start(workdir: str, warmstart_dir: str, *extra: str, devices: int = 8,
   devices (and `env` added to its environment)."""
   import subprocess
 
-  full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-              "JAX_PLATFORMS": "cpu", **(env or {})}
+  # Keep the parent's other XLA flags (run.sh's instruction-set cap), replace the device count.
+  xla = [f for f in os.environ.get("XLA_FLAGS", "").split()
+         if not f.startswith("--xla_force_host_platform_device_count")]
+  xla.append(f"--xla_force_host_platform_device_count={devices}")
+  full_env = {**os.environ, "XLA_FLAGS": " ".join(xla), "JAX_PLATFORMS": "cpu", **(env or {})}
   full_env.pop("BRPO_DEBUG", None)
   return subprocess.Popen([sys.executable, HELPER, *tiny_flags(str(workdir), warmstart_dir,
                                                                *extra)],
