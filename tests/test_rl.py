@@ -157,6 +157,26 @@ def test_non_finite_update_is_skipped(batch):
     np.testing.assert_array_equal(x, y)
 
 
+def test_recompute_old_logp(batch):
+  """--old_logp=recompute: under the sampling parameters the trainer's log-probs equal the
+  sampler's (float32: the logged gap is rounding); under other parameters they are those
+  parameters' packed log-probs, in row order, on the trained tokens only."""
+  import types
+
+  params, b = batch
+  sharp = jax.tree.map(lambda x: x * 4 if x.ndim > 1 else x, params)  # the fixture's sampler
+  rl2 = C.RLConfig(**{**RL.__dict__, "micro_batches": 2})
+  ctx = types.SimpleNamespace(logprob_fn=train_lib.make_logprob_fn(CFG, rl2), mesh=None)
+  same, gap = rl_lib.recompute_old_logp(sharp, b, ctx, rows=4)
+  np.testing.assert_allclose(same.old_logp, b.old_logp, atol=1e-5)
+  assert gap < 1e-5
+  other, gap = rl_lib.recompute_old_logp(params, b, ctx, rows=4)
+  want = jnp.where(b.loss_mask, pk.token_logprobs(params, CFG, b), 0.0)
+  np.testing.assert_allclose(other.old_logp, want, atol=1e-5)
+  assert gap > 0.1  # the sharp sampler's log-probs are far from these
+  np.testing.assert_array_equal(other.tokens, b.tokens)
+
+
 def test_compute_advantages_modes_reused_summaries():
   rewards = np.zeros((1, 2, 3, 2), np.float32)
   rewards[0, 0] = [[1, 0], [1, 1], [1, 1]]

@@ -158,11 +158,13 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, r
                  f"a micro-batch ({batch.tokens.shape[0]} rows / --micro_batches={k})")
     micro = micro_batches(batch, k, mesh)
 
+    def loss_and_terms(p, mb):
+      terms = terms_of(p, state.ref_params, mb)  # traced once: the loss and its metrics share it
+      return terms.loss_sum, terms
+
     def body(carry, mb):
       grads, acc = carry
-      (_, terms), g = jax.value_and_grad(
-          lambda p: (terms_of(p, state.ref_params, mb).loss_sum,
-                     terms_of(p, state.ref_params, mb)), has_aux=True)(state.params)
+      (_, terms), g = jax.value_and_grad(loss_and_terms, has_aux=True)(state.params, mb)
       grads = jax.tree.map(jnp.add, grads, g)
       return (grads, loss_lib.combine([acc, terms])), None
 
