@@ -98,5 +98,5 @@ print("plot:", plot)
 # %% [markdown]
 # ## Next
 # `python experiments/gsm_math.py --flagfile=experiments/configs/tiny_cpu.flags` trains this
-# model with AR-uniform RL (BRPO) for 40 steps and evaluates it the same way; `rl.rl_step` is one
+# model with AR-uniform RL (BRPO) for 30 steps and evaluates it the same way; `rl.rl_step` is one
 # step of it: rollout, grading, advantages, packing, PPO update.

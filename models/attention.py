@@ -110,6 +110,18 @@ def _blocks(x, n, bs):
   return jnp.moveaxis(x.reshape(x.shape[0], n, bs, *x.shape[2:]), 1, 0)
 
 
+def _key_block(q_i, k, v, segment, sq, lq, slot_q, j, bk, scale):
+  """Key block starting at slot j for query block q_i [B, bq, K, G, Dh] (whose segments, limits
+  and slots are sq, lq [B, bq], slot_q [bq]) -> (k_j, v_j [B, bk, K, Dh], visibility
+  [B, 1, 1, bq, bk], float32 scores [B, K, G, bq, bk]); the forward and backward passes share it."""
+  k_j = jax.lax.dynamic_slice_in_dim(k, j, bk, axis=1)
+  v_j = jax.lax.dynamic_slice_in_dim(v, j, bk, axis=1)
+  sk = jax.lax.dynamic_slice_in_dim(segment, j, bk, axis=1)
+  vis = visible(sq, lq, slot_q, sk, j + jnp.arange(bk))[:, None, None]
+  s = jnp.einsum("bqkgd,btkd->bkgqt", q_i, k_j, preferred_element_type=jnp.float32) * scale
+  return k_j, v_j, vis, s
+
+
 def _flash_fwd_impl(q, k, v, segment, limit, bq, bk):
   b, tp, h, dh = q.shape
   kh = k.shape[2]
@@ -126,11 +138,7 @@ def _flash_fwd_impl(q, k, v, segment, limit, bq, bk):
     def body(n, carry):
       m, l, acc = carry
       j = idx[n] * bk
-      k_j = jax.lax.dynamic_slice_in_dim(k, j, bk, axis=1)
-      v_j = jax.lax.dynamic_slice_in_dim(v, j, bk, axis=1)
-      sk = jax.lax.dynamic_slice_in_dim(segment, j, bk, axis=1)
-      vis = visible(sq, lq, slot_q, sk, j + jnp.arange(bk))[:, None, None]  # [B,1,1,bq,bk]
-      s = jnp.einsum("bqkgd,btkd->bkgqt", q_i, k_j, preferred_element_type=jnp.float32) * scale
+      k_j, v_j, vis, s = _key_block(q_i, k, v, segment, sq, lq, slot_q, j, bk, scale)
       s = jnp.where(vis, s, NEG_INF)
       m_new = jnp.maximum(m, jnp.max(s, -1))
       p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
@@ -185,11 +193,7 @@ def _flash_bwd(bq, bk, res, do):
     def body(n, c):
       dq_i, dk, dv = c
       j = idx[n] * bk
-      k_j = jax.lax.dynamic_slice_in_dim(k, j, bk, axis=1)
-      v_j = jax.lax.dynamic_slice_in_dim(v, j, bk, axis=1)
-      sk = jax.lax.dynamic_slice_in_dim(segment, j, bk, axis=1)
-      vis = visible(sq, lq, slot_q, sk, j + jnp.arange(bk))[:, None, None]
-      s = jnp.einsum("bqkgd,btkd->bkgqt", q_i, k_j, preferred_element_type=jnp.float32) * scale
+      k_j, v_j, vis, s = _key_block(q_i, k, v, segment, sq, lq, slot_q, j, bk, scale)
       p = jnp.where(vis, jnp.exp(jnp.where(vis, s, 0.0) - lse_i[..., None]), 0.0)
       dv_j = jnp.einsum("bkgqt,bqkgd->btkd", p.astype(do.dtype), do_i,
                         preferred_element_type=jnp.float32)
