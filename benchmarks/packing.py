@@ -3,6 +3,11 @@
   python -m benchmarks.packing [--quick] [--out packing.json] [--platform=cpu|gpu|tpu|auto]
       [--model=tiny --b_max=1024 --m=4 --a=4 --s=32 --prompt_len=32 --rows=8]
   python -m benchmarks.packing --mfu --platform=gpu   # the paper's 1.5B shape, random weights
+  python -m benchmarks.packing --model=tiny --rows=64 --b_max=96 --s=15 --prompt_len=16 \
+      --blocks=128,32   # the tiny default's update shape (512-slot rows), at each block
+
+--blocks: the packed forward + backward of all rows at once (one mini-batch, as a run's update
+does) at each `--attention_block`, with its ratio to the first block listed.
 
 --mfu: the whole jitted update (forward, backward, AdamW) of packed rows of the 1.5B model at
 b_max 2048, 4096 and 8000 (--mfu_b_max), one row per micro-batch, timed after compilation;
@@ -183,6 +188,8 @@ def main():
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--peak_tflops", type=float, default=989.0,
                   help="the accelerator's dense bfloat16 peak (H100/H200 SXM: 989)")
+  ap.add_argument("--blocks", default="", help="also time the packed pass at these attention "
+                  "blocks, e.g. 128,32 (ratios to the first)")
   ap.add_argument("--out", default="")
   args = ap.parse_args()
   args.scan_layers = str(args.scan_layers).lower() in ("1", "true", "yes")
@@ -226,11 +233,22 @@ def main():
         f"{t_packed:9.2f} {m_packed / 2**20:9.1f}")
   print(f"{'plain':>7} {plain.tokens.shape[0]:>5} {plain.tokens.shape[1]:>6} "
         f"{t_plain:9.2f} {m_plain / 2**20:9.1f}")
+  blocks = {}
+  if args.blocks:
+    print(f"packed pass of all {rows} rows at once, by attention block")
+    print(f"{'block':>5} {'fwd+bwd s':>9} {'vs first':>8}")
+    for bs in [int(x) for x in args.blocks.split(",")]:
+      t, _ = time_pass(params, cfg.replace(attention_block=bs), packed, max_len, rows, repeats)
+      blocks[bs] = t
+      print(f"{bs:>5} {t:9.3f} {next(iter(blocks.values())) / t:8.2f}")
   from benchmarks.grader import measure_grader
 
   g = measure_grader(n=200 if args.quick else 1000)
   out = {"packed_speedup": t_plain / t_packed, "packed_peak_mem_ratio": m_packed / m_plain,
          "grader_gsm8k_per_s": g["gsm8k_per_s"], "grader_math_per_s": g["math_per_s"]}
+  if blocks:
+    first = next(iter(blocks))
+    out.update({f"block{bs}_speedup_vs_{first}": blocks[first] / t for bs, t in blocks.items()})
   if args.out:
     with open(args.out, "w") as f:
       json.dump({**out, "packed_s": t_packed, "plain_s": t_plain, "packed_mem_bytes": m_packed,

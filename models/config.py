@@ -10,6 +10,8 @@ import dataclasses
 import jax.numpy as jnp
 
 REMAT_MODES = ("none", "full", "dots")
+# Blocks of the packed-row attention kernel: divisors of the rows' padding (brpo.train.packing.BLOCK).
+ATTENTION_BLOCKS = (16, 32, 64, 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,11 @@ class ModelConfig:
   # scan_layers: params["layers"] is one dict of [L, ...] arrays (models.params.stack_layers)
   # and the stack is a jax.lax.scan, so compile time does not grow with the depth.
   scan_layers: bool = False
+  # Query and key block of the blockwise attention kernel of packed training rows
+  # (models.attention.blockwise_attention). Rows are padded to multiples of 128, so it divides
+  # 128. 128 suits long rows on accelerators; short rows on CPU run faster with smaller blocks,
+  # which skip more of the tree mask (tiny task, 512-slot rows: 32 is 1.44x faster than 128, `benchmarks/packing.py --blocks`).
+  attention_block: int = 128
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -52,6 +59,10 @@ class ModelConfig:
         raise ValueError(f"{f}={getattr(self, f)!r}: expected float32, bfloat16 or float16")
     if self.remat not in REMAT_MODES:
       raise ValueError(f"remat={self.remat!r}: expected one of {', '.join(REMAT_MODES)}")
+    if self.attention_block not in ATTENTION_BLOCKS:
+      raise ValueError(f"attention_block={self.attention_block}: expected one of "
+                       f"{', '.join(map(str, ATTENTION_BLOCKS))} (a divisor of the packed rows' "
+                       "padding, 128)")
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)

@@ -78,6 +78,10 @@ class ModelSpec:
                               "parameters (compile time independent of depth; with --remat the "
                               "memory of one layer's activations). Checkpoints keep the layout "
                               "they were saved in; resume and --mode=eval convert it.")
+  attention_block: int = setting(128, "Query/key block of the packed rows' attention kernel "
+                                 "in the update (values unchanged up to rounding): 128 for long "
+                                 "rows on accelerators; smaller blocks skip more of the tree "
+                                 "mask, faster for short rows on CPU. One of 16, 32, 64, 128.")
   template: str = setting("plain", "Prompt template.", choices=tok_lib.TEMPLATES)
   max_prompt_len: int = setting(256, "Longest prompt in tokens.")
   long_prompts: str = setting("skip", "What to do with a prompt longer than --max_prompt_len: "
@@ -92,6 +96,9 @@ class ModelSpec:
                        "--init=checkpoint")
     if self.max_prompt_len < 1:
       raise ValueError(f"--max_prompt_len={self.max_prompt_len}: must be >= 1")
+    if self.attention_block not in model_configs.ATTENTION_BLOCKS:
+      raise ValueError(f"--attention_block={self.attention_block}: expected one of "
+                       f"{', '.join(map(str, model_configs.ATTENTION_BLOCKS))}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,7 +71,8 @@ def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] =
   """(ModelConfig, params, tokenizer) for `ec.model`; `grader` serves a warm start's checks."""
   cfg, params, tokenizer = _load_model(ec, eval_examples, grader)
   # How the stack runs (remat, scanned layers): the parameters follow the layout.
-  cfg = cfg.replace(remat=ec.model.remat, scan_layers=ec.model.scan_layers)
+  cfg = cfg.replace(remat=ec.model.remat, scan_layers=ec.model.scan_layers,
+                    attention_block=ec.model.attention_block)
   return cfg, relayout(params, cfg.scan_layers), tokenizer
 
 

@@ -166,7 +166,9 @@ def token_logprobs(params, cfg: ModelConfig, batch: PackedBatch, temperature: fl
     mask = masks.tree_mask(batch.branch, batch.limit)
     attend = lambda q, k, v, s: (dec.attention(q, k, v, mask), s)
   else:
-    attend = lambda q, k, v, s: (attn.packed_attention(q, k, v, batch.branch, batch.limit), s)
+    bs = cfg.attention_block
+    attend = lambda q, k, v, s: (attn.packed_attention(q, k, v, batch.branch, batch.limit,
+                                                       block_q=bs, block_k=bs), s)
   h, _ = dec.decoder(params, cfg, batch.tokens, batch.positions, attend, [None] * cfg.n_layers,
                      mesh=mesh)
   return logprobs_from_hidden(params, cfg, h, batch.tokens, temperature, with_entropy, chunk)

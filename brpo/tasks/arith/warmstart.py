@@ -185,7 +185,7 @@ def train(params: Params, cfg: ModelConfig, tokenizer: tok_lib.Tokenizer,
 
 # ModelConfig fields that change how the model runs, not what it computes: a saved warm start
 # serves any value of them (and directories saved before they existed stay usable).
-_RUNTIME_FIELDS = ("remat", "scan_layers")
+_RUNTIME_FIELDS = ("remat", "scan_layers", "attention_block")
 
 
 def _settings(cfg: ModelConfig, ws: WarmStartConfig) -> dict[str, Any]:
