@@ -10,6 +10,16 @@ roofline_fraction, compaction_speedup, summary_speedup_vs_reprefill and summary_
 (all measured in this run). Roofline: per decode step the parameters and the KV cache at the
 mean filled length are read once; their bytes over the step time, divided by the memory
 bandwidth measured here (a jitted reduction over a 512 MB array; on accelerators the same).
+
+A decode step also has FLOPs: 2 per parameter per row (plus attention over the filled keys). At
+batch B in float32 that is B / 2 FLOPs per parameter byte; where the machine's matmul peak
+(measured here: the best of a jitted 2048^3 matmul) over its bandwidth is lower than that, the
+step is compute-bound and no engine reaches the memory roofline. `memory_roofline_cap` is the
+largest memory-roofline fraction the measured peak allows (memory time / max(memory time,
+compute time)); `compute_fraction` is each engine's share of the peak FLOP rate. At small batch
+the matmuls are skinny (B rows) and run well below that peak: `matmul_floor_s` times only the
+model's own matmuls of one step at batch B (every layer's projections and the output head, no
+attention, norms or sampling), and `floor_fraction` is that floor over our step time.
 """
 
 from __future__ import annotations
@@ -65,6 +75,38 @@ def memory_bandwidth(mb: int = 512) -> float:
   return x.nbytes / t
 
 
+def matmul_peak(dtype: str = "float32", n: int = 2048) -> float:
+  """FLOP/s of a jitted n x n x n matmul (the compute roofline's denominator)."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  t = _best(lambda: f(a).block_until_ready(), 5)
+  return 2 * n ** 3 / t
+
+
+def matmul_floor(params, cfg, batch: int) -> float:
+  """Seconds of one decode step's matmuls alone at `batch` rows (the per-layer weights and the
+  output head applied to a [batch, d_model] activation): what the step costs at best with XLA's
+  own dot kernels on this machine."""
+  dt = cfg.compute_dtype
+  head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+
+  def f(params, x):
+    for lp in params["layers"]:
+      q = jnp.einsum("bd,dhk->bhk", x, lp["wq"].astype(dt))
+      k = jnp.einsum("bd,dhk->bhk", x, lp["wk"].astype(dt))
+      v = jnp.einsum("bd,dhk->bhk", x, lp["wv"].astype(dt))
+      x = x + jnp.einsum("bhk,hkd->bd", q, lp["wo"].astype(dt)) + (k.sum() + v.sum()) * 1e-9
+      a = (jnp.einsum("bd,df->bf", x, lp["w_gate"].astype(dt))
+           * jnp.einsum("bd,df->bf", x, lp["w_up"].astype(dt)))
+      x = x + jnp.einsum("bf,fd->bd", a, lp["w_down"].astype(dt))
+    spec = "bd,vd->bv" if cfg.tie_embeddings else "bd,dv->bv"
+    return jnp.einsum(spec, x, head.astype(dt))
+
+  g = jax.jit(f)
+  x = jnp.ones((batch, cfg.d_model), dt) * 1e-3
+  return _best(lambda: g(params, x).block_until_ready(), 5)
+
+
 def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
   rng = np.random.default_rng(seed)
   return [rng.integers(100, vocab - 100, size=length).tolist() for _ in range(batch)]
@@ -82,7 +124,7 @@ def step_bytes(cfg, params, batch: int, filled: float) -> float:
 
 
 def decode_throughput(batch: int, new_tokens: int, prompt_len: int, repeats: int, params, cfg,
-                      hf_model, bandwidth: float) -> dict[str, float]:
+                      hf_model, bandwidth: float, peak_flops: float) -> dict[str, float]:
   prompts = _prompts(batch, prompt_len, cfg.vocab_size)
 
   def ours():
@@ -93,9 +135,16 @@ def decode_throughput(batch: int, new_tokens: int, prompt_len: int, repeats: int
   tokens = batch * new_tokens
   # Mean filled length over the steps: the prompt plus half the new tokens.
   per_step = step_bytes(cfg, params, batch, prompt_len + new_tokens / 2)
+  flops = batch * cfg.flops_per_token(prompt_len + new_tokens / 2)  # per step
+  t_mem, t_flop = per_step / bandwidth, flops / peak_flops
+  floor = matmul_floor(params, cfg, batch)
   r = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
        "ours_tok_s": tokens / t_ours, "ours_s": t_ours,
-       "roofline": per_step * new_tokens / t_ours / bandwidth}
+       "roofline": per_step * new_tokens / t_ours / bandwidth,
+       "compute_fraction": flops * new_tokens / t_ours / peak_flops,
+       "step_gflop": flops / 1e9, "step_mb": per_step / 2 ** 20,
+       "memory_roofline_cap": t_mem / max(t_mem, t_flop),
+       "matmul_floor_s": floor, "floor_fraction": floor * new_tokens / t_ours}
   if hf_model is not None:
     import torch
 
@@ -109,6 +158,7 @@ def decode_throughput(batch: int, new_tokens: int, prompt_len: int, repeats: int
       t = _best(theirs, repeats)
       r[f"{name}_tok_s"], r[f"{name}_s"] = tokens / t, t
       r[f"{name}_roofline"] = per_step * new_tokens / t / bandwidth
+      r[f"{name}_compute_fraction"] = flops * new_tokens / t / peak_flops
   return r
 
 
@@ -224,6 +274,11 @@ def hf_model_for(cfg, gguf_path: str | None):
   return hf.eval()
 
 
+def t_floor_roof(r) -> float:
+  """The memory roofline fraction of a step that took only its matmul floor."""
+  return r["roofline"] * r["ours_s"] / r["new_tokens"] / r["matmul_floor_s"]
+
+
 def main(argv):
   del argv
   jax.config.update("jax_platforms", FLAGS.platform)
@@ -236,10 +291,11 @@ def main(argv):
     import torch
     torch.set_num_threads(os.cpu_count() or 1)
   bw = memory_bandwidth()
+  peak = matmul_peak(FLAGS.dtype)
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   print(f"device: {jax.devices()[0].device_kind} ({FLAGS.platform}), {os.cpu_count()} CPU "
         f"threads, load average {load:.1f}; memory bandwidth (512 MB reduction): "
-        f"{bw / 1e9:.1f} GB/s")
+        f"{bw / 1e9:.1f} GB/s; matmul peak (2048^3 {FLAGS.dtype}): {peak / 1e9:.1f} GFLOP/s")
   gguf = None
   if FLAGS.model == "smollm2-gguf":
     gguf = checkpoint.smollm2_gguf_path()
@@ -249,19 +305,27 @@ def main(argv):
     cfg = config_lib.get_config(FLAGS.model, dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
     params = dec.init_params(cfg, jax.random.PRNGKey(0))
   hf = hf_model_for(cfg, gguf) if FLAGS.hf and FLAGS.platform == "cpu" else None
-  results: dict[str, object] = {"memory_gb_s": bw / 1e9, "load_average": load,
+  results: dict[str, object] = {"memory_gb_s": bw / 1e9, "matmul_gflop_s": peak / 1e9,
+                                "load_average": load,
                                 "model": FLAGS.model, "dtype": FLAGS.dtype,
                                 "platform": FLAGS.platform}
-  r = decode_throughput(FLAGS.batch, new_tokens, FLAGS.prompt_len, repeats, params, cfg, hf, bw)
+  r = decode_throughput(FLAGS.batch, new_tokens, FLAGS.prompt_len, repeats, params, cfg, hf, bw,
+                        peak)
   results["decode"] = [r]
   print(f"\ndecode throughput, {FLAGS.model} {FLAGS.dtype}, greedy, batch {FLAGS.batch}, "
         f"prompt {FLAGS.prompt_len}, {new_tokens} new tokens")
-  print(f"{'engine':>22} {'tok/s':>9} {'roofline':>8} {'ours / it':>9}")
-  print(f"{'ours (filled-only)':>22} {r['ours_tok_s']:9.1f} {r['roofline']:8.3f} {1:9.2f}")
+  print(f"per step: {r['step_mb']:.0f} MB to read, {r['step_gflop']:.2f} GFLOP; at the measured "
+        f"bandwidth and matmul peak the memory roofline fraction is at most "
+        f"{r['memory_roofline_cap']:.2f}; the step's matmuls alone take {r['matmul_floor_s'] * 1e3:.0f} "
+        f"ms (memory roofline fraction {t_floor_roof(r):.2f} at that floor), ours "
+        f"{r['ours_s'] / new_tokens * 1e3:.0f} ms per step")
+  print(f"{'engine':>22} {'tok/s':>9} {'roofline':>8} {'of peak':>8} {'ours / it':>9}")
+  print(f"{'ours (filled-only)':>22} {r['ours_tok_s']:9.1f} {r['roofline']:8.3f} "
+        f"{r['compute_fraction']:8.3f} {1:9.2f}")
   for name, label in [("hf", "transformers eager"), ("hf_static", "transformers static")]:
     if f"{name}_tok_s" in r:
       print(f"{label:>22} {r[name + '_tok_s']:9.1f} {r[name + '_roofline']:8.3f} "
-            f"{r['ours_tok_s'] / r[name + '_tok_s']:9.2f}")
+            f"{r[name + '_compute_fraction']:8.3f} {r['ours_tok_s'] / r[name + '_tok_s']:9.2f}")
   del hf
   c = compaction(params, cfg, FLAGS.batch, FLAGS.prompt_len, 2 * new_tokens,
                  FLAGS.compact_every, repeats)
@@ -272,6 +336,8 @@ def main(argv):
   print(f"{'one loop tok/s':>14} {'compacted tok/s':>15} {'speedup':>7}")
   print(f"{c['one_loop_tok_s']:14.1f} {c['compact_tok_s']:15.1f} {c['speedup']:7.2f}")
   summary = {"decode_tok_s": r["ours_tok_s"], "roofline_fraction": r["roofline"],
+             "memory_roofline_cap": r["memory_roofline_cap"],
+             "compute_fraction": r["compute_fraction"], "floor_fraction": r["floor_fraction"],
              "compaction_speedup": c["speedup"]}
   if "hf_tok_s" in r:
     summary["decode_speedup_vs_hf"] = r["ours_tok_s"] / r["hf_tok_s"]
