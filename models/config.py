@@ -12,6 +12,9 @@ import jax.numpy as jnp
 REMAT_MODES = ("none", "full", "dots")
 # Blocks of the packed-row attention kernel: divisors of the rows' padding (brpo.train.packing.BLOCK).
 ATTENTION_BLOCKS = (16, 32, 64, 128)
+# ModelConfig fields that change how the model runs, not what it computes (set per run from the
+# flags of the same names; a saved model serves any value of them).
+RUNTIME_FIELDS = ("remat", "scan_layers", "attention_block")
 
 
 @dataclasses.dataclass(frozen=True)

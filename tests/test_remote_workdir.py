@@ -18,7 +18,7 @@ from etils import epath
 from etils.epath import testing as epath_testing
 
 from brpo.run import evaluation
-from brpo.run import paths
+from brpo import paths
 from brpo.run.checkpointing import Checkpointer
 from brpo.run.metrics import MetricsWriter
 

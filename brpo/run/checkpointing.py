@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from brpo.run import paths
+from brpo import paths
 
 
 class Checkpointer:

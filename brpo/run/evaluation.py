@@ -15,7 +15,7 @@ from etils import epath
 
 from brpo.rollout import anytime as at
 from brpo.run import multihost
-from brpo.run import paths
+from brpo import paths
 from brpo.run import scoring
 from brpo.rollout import sampling
 from models.config import ModelConfig

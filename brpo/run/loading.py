@@ -15,12 +15,12 @@ from etils import epath
 from brpo import grading
 from brpo.rollout import anytime as at
 from brpo.run import evaluation
-from brpo.run import paths
+from brpo import paths
 from brpo.run.config import ExperimentConfig
 from brpo.tasks import data as data_lib
 from models import decoder as dec
 from models import tokenizer as tok_lib
-from models.config import CONFIGS, get_config
+from models.config import CONFIGS, RUNTIME_FIELDS, get_config
 from models.params import relayout
 
 log = logging.getLogger("brpo")
@@ -70,9 +70,8 @@ def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] =
                grader=None):
   """(ModelConfig, params, tokenizer) for `ec.model`; `grader` serves a warm start's checks."""
   cfg, params, tokenizer = _load_model(ec, eval_examples, grader)
-  # How the stack runs (remat, scanned layers): the parameters follow the layout.
-  cfg = cfg.replace(remat=ec.model.remat, scan_layers=ec.model.scan_layers,
-                    attention_block=ec.model.attention_block)
+  # How the stack runs (remat, scanned layers, attention block): the parameters follow the layout.
+  cfg = cfg.replace(**{f: getattr(ec.model, f) for f in RUNTIME_FIELDS})
   return cfg, relayout(params, cfg.scan_layers), tokenizer
 
 
@@ -139,10 +138,7 @@ def _gguf_tokenizer(ckpt_lib, path: str, workdir: str) -> str:
     return ckpt_lib.tokenizer_from_gguf(path, out)
   local = tempfile.mkdtemp(prefix="brpo_tokenizer_")
   tok_path = ckpt_lib.tokenizer_from_gguf(path, local)
-  epath.Path(out).mkdir(parents=True, exist_ok=True)
-  for name in os.listdir(local):
-    with open(os.path.join(local, name), "rb") as f:
-      epath.Path(out, name).write_bytes(f.read())
+  paths.copy_files(local, out)
   return tok_path
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from etils import epath
 
 from brpo.run import evaluation
-from brpo.run import paths
+from brpo import paths
 
 log = logging.getLogger("brpo")
 
@@ -87,12 +87,8 @@ class MetricsWriter:
 
   def _sync_tb(self):
     """Copies the local TensorBoard event files of a remote workdir to <workdir>/tb."""
-    if self._tb_local is None:
-      return
-    self._tb_dir.mkdir(parents=True, exist_ok=True)
-    for name in os.listdir(self._tb_local):
-      with open(os.path.join(self._tb_local, name), "rb") as f:
-        (self._tb_dir / name).write_bytes(f.read())
+    if self._tb_local is not None:
+      paths.copy_files(self._tb_local, self._tb_dir)
 
   def close(self):
     if self.tb is not None:

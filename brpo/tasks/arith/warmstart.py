@@ -24,11 +24,12 @@ import orbax.checkpoint as ocp
 import tqdm
 from etils import epath
 
+from brpo import paths
 from brpo.tasks.arith import task as arith
 from brpo.tasks.data import DataIterator, Example, dedup_train_eval
 from models import decoder as dec
 from models import tokenizer as tok_lib
-from models.config import ModelConfig, get_config
+from models.config import RUNTIME_FIELDS, ModelConfig, get_config
 
 Params = dict[str, Any]
 # (params, cfg, tokenizer, examples, budget) -> greedy accuracy with the thinking cut at budget.
@@ -183,13 +184,8 @@ def train(params: Params, cfg: ModelConfig, tokenizer: tok_lib.Tokenizer,
 # Saving, restoring, and the warm start itself.
 
 
-# ModelConfig fields that change how the model runs, not what it computes: a saved warm start
-# serves any value of them (and directories saved before they existed stay usable).
-_RUNTIME_FIELDS = ("remat", "scan_layers", "attention_block")
-
-
 def _settings(cfg: ModelConfig, ws: WarmStartConfig) -> dict[str, Any]:
-  model = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS}
+  model = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS}
   return {"model_config": model,
           "warm_start": dataclasses.asdict(ws)}  # Includes the task settings.
 
@@ -203,57 +199,30 @@ def _differences(saved: Any, wanted: Any, prefix: str = "") -> list[str]:
   return [] if saved == wanted else [f"{prefix[:-1]}={saved!r} there, {wanted!r} requested"]
 
 
-# A gs://... (s3://...) directory goes through etils.epath as it is; a local one is made absolute
-# (orbax needs absolute local paths). (brpo/run/paths.py does the same; tasks do not import run.)
-def _is_remote(path: str) -> bool:
-  return "://" in os.fspath(path)
-
-
-def _resolve(path: str) -> str:
-  return path if _is_remote(path) else os.path.abspath(path)
-
-
 def save(directory: str, cfg: ModelConfig, params: Params, ws: WarmStartConfig,
          results: dict[str, Any] | None = None) -> None:
   """Writes params (orbax, under <dir>/params) and then the settings JSON, which marks the
   checkpoint complete. The tokenizer is expected at <dir>/tokenizer.model already."""
-  directory = _resolve(directory)
+  directory = paths.resolve(directory)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, PARAMS_DIR), params, force=True)
   ckptr.wait_until_finished()
   ckptr.close()
   doc = dict(_settings(cfg, ws), tokenizer=TOKENIZER_FILE, results=results or {})
-  settings = epath.Path(directory, SETTINGS_FILE)
-  if _is_remote(directory):  # one object write: atomic on an object store
-    settings.write_text(json.dumps(doc, indent=1))
-  else:
-    tmp = settings.with_name(SETTINGS_FILE + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(settings)
-
-
-def _local_copy(path: str) -> str:
-  """`path` when local; a remote file (gs://...) copied to a local temporary file (sentencepiece
-  reads local files only)."""
-  if not _is_remote(path):
-    return path
-  local = os.path.join(tempfile.mkdtemp(prefix="brpo_warmstart_"), os.path.basename(path))
-  with open(local, "wb") as f:
-    f.write(epath.Path(path).read_bytes())
-  return local
+  paths.write_text(epath.Path(directory, SETTINGS_FILE), json.dumps(doc, indent=1))
 
 
 def load(directory: str) -> tuple[ModelConfig, Params, tok_lib.SentencePieceTokenizer,
                                   dict[str, Any]]:
   """Reads a saved warm start -> (cfg, params, tokenizer, the settings JSON)."""
-  directory = _resolve(directory)
+  directory = paths.resolve(directory)
   path = epath.Path(directory, SETTINGS_FILE)
   if not path.is_file():
     raise FileNotFoundError(f"{directory} holds no warm start ({SETTINGS_FILE} is missing)")
   doc = json.loads(path.read_text())
   cfg = ModelConfig(**doc["model_config"])
   tokenizer = tok_lib.SentencePieceTokenizer(
-      _local_copy(os.path.join(directory, doc["tokenizer"])))
+      paths.local_copy(os.path.join(directory, doc["tokenizer"])))
   # Onto this process's first device: with several processes the saved layout (process 0's
   # device) is not one that every process can address.
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -280,15 +249,15 @@ def warm_start(directory: str, ws: WarmStartConfig = WarmStartConfig(),
   """
   if ws.stop_accuracy > 0 and held_out_accuracy is None:
     raise ValueError("a warm start with stop_accuracy > 0 needs a held_out_accuracy function")
-  directory = _resolve(directory)
+  directory = paths.resolve(directory)
   tok_path = os.path.join(directory, TOKENIZER_FILE)
   settings_path = os.path.join(directory, SETTINGS_FILE)
   if epath.Path(settings_path).is_file():
     saved = json.loads(epath.Path(settings_path).read_text())
-    tokenizer = tok_lib.SentencePieceTokenizer(_local_copy(tok_path))
+    tokenizer = tok_lib.SentencePieceTokenizer(paths.local_copy(tok_path))
     cfg = get_config(ws.model, vocab_size=tokenizer.vocab_size, **(model_overrides or {}))
     saved_model = {k: v for k, v in (saved.get("model_config") or {}).items()
-                   if k not in _RUNTIME_FIELDS}
+                   if k not in RUNTIME_FIELDS}
     diff = _differences({"model_config": saved_model, "warm_start": saved.get("warm_start")},
                         json.loads(json.dumps(_settings(cfg, ws))))
     if diff:
@@ -300,11 +269,10 @@ def warm_start(directory: str, ws: WarmStartConfig = WarmStartConfig(),
 
   epath.Path(directory).mkdir(parents=True, exist_ok=True)
   start = time.time()
-  if _is_remote(directory):  # sentencepiece writes and reads local files only
-    local_tok = os.path.join(tempfile.mkdtemp(prefix="brpo_warmstart_"), TOKENIZER_FILE)
-    tokenizer = arith.train_tokenizer(local_tok, ws.task, ws.seed)
-    with open(local_tok, "rb") as f:
-      epath.Path(tok_path).write_bytes(f.read())
+  if paths.is_remote(directory):  # sentencepiece writes and reads local files only
+    local_dir = tempfile.mkdtemp(prefix="brpo_warmstart_")
+    tokenizer = arith.train_tokenizer(os.path.join(local_dir, TOKENIZER_FILE), ws.task, ws.seed)
+    paths.copy_files(local_dir, directory)
   else:
     tokenizer = arith.train_tokenizer(tok_path, ws.task, ws.seed)
   cfg = get_config(ws.model, vocab_size=tokenizer.vocab_size, **(model_overrides or {}))

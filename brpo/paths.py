@@ -3,11 +3,14 @@ workdir is written to its object store instead of becoming a local folder named 
 
 Local paths keep their old behaviour (absolute paths, atomic renames); a remote path is never
 made absolute, and a file there is written as one object (atomic per object on object stores).
+Libraries that read or write local files only (sentencepiece, tokenizers, tensorboardX) go
+through `local_copy` and `copy_files`. A leaf module: `run` and `tasks` both use it.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 from etils import epath
 
@@ -33,3 +36,24 @@ def write_text(path: epath.PathLike, text: str) -> None:
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
   tmp.replace(path)
+
+
+def local_copy(path: epath.PathLike) -> str:
+  """`path` when local; a remote file copied to a local temporary file (for readers of local
+  files only), whose path is returned."""
+  if not is_remote(path):
+    return os.fspath(path)
+  local = os.path.join(tempfile.mkdtemp(prefix="brpo_"), epath.Path(path).name)
+  with open(local, "wb") as f:
+    f.write(epath.Path(path).read_bytes())
+  return local
+
+
+def copy_files(local_dir: str, dest: epath.PathLike) -> None:
+  """Copies the files of a local folder into `dest` (a local folder or gs://...), made if
+  missing."""
+  dest = epath.Path(dest)
+  dest.mkdir(parents=True, exist_ok=True)
+  for name in os.listdir(local_dir):
+    with open(os.path.join(local_dir, name), "rb") as f:
+      (dest / name).write_bytes(f.read())
