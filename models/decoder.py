@@ -203,34 +203,37 @@ def _write(buf, new, index):
 
 
 def prefill(params: Params, cfg: ModelConfig, tokens, positions, mask, cache: KVCache,
-            index=0):
+            index=0, mesh=None):
   """Runs a chunk of T tokens, attending among themselves, and writes their keys and values
   into cache slots [index, index + T).
 
   tokens, positions: [B, T]; mask: [B, T, T]. Returns (last-token logits [B, V], cache).
+  mesh: constrain the activations to it (`decoder`).
   """
 
   def attend(q, k, v, kv):
     return attention(q, k, v, mask), (_write(kv[0], k, index), _write(kv[1], v, index))
 
-  h, states = decoder(params, cfg, tokens, positions, attend, list(zip(cache.k, cache.v)))
+  h, states = decoder(params, cfg, tokens, positions, attend, list(zip(cache.k, cache.v)),
+                      mesh=mesh)
   new = KVCache(k=tuple(s[0] for s in states), v=tuple(s[1] for s in states))
   return logits_from_hidden(params, cfg, h[:, -1]), new
 
 
 def decode_step(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache, index,
-                kv_mask):
+                kv_mask, mesh=None):
   """Writes T new tokens at cache slots [index, index + T) and attends over the whole cache.
 
   tokens, positions: [B, T] (T = 1 for ordinary decoding); kv_mask: [B, T, S] bool over cache
   slots (the caller decides what is visible, e.g. slots >= row start and <= index).
-  Returns (logits [B, T, V], cache).
+  Returns (logits [B, T, V], cache). mesh: constrain the activations to it (`decoder`).
   """
 
   def attend(q, k, v, kv):
     ck, cv = _write(kv[0], k, index), _write(kv[1], v, index)
     return attention(q, ck, cv, kv_mask), (ck, cv)
 
-  h, states = decoder(params, cfg, tokens, positions, attend, list(zip(cache.k, cache.v)))
+  h, states = decoder(params, cfg, tokens, positions, attend, list(zip(cache.k, cache.v)),
+                      mesh=mesh)
   new = KVCache(k=tuple(s[0] for s in states), v=tuple(s[1] for s in states))
   return logits_from_hidden(params, cfg, h), new

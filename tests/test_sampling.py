@@ -291,3 +291,50 @@ def test_compaction_with_row_limits(params):
   for r, n in enumerate(limit):
     np.testing.assert_allclose(s2.cache.k[1][r, :p + n], s1.cache.k[1][r, :p + n], atol=1e-5)
   assert smp.bucket_rows(3, 64) == 8 and smp.bucket_rows(9, 64) == 16 and smp.bucket_rows(9, 12) == 12
+
+
+def test_sharded_rollout_equals_single_device(params, monkeypatch):
+  """On the (1, 4, 2) mesh of 8 devices (parameters fsdp x tensor, rows over fsdp): the KV cache
+  is laid out explicitly (rows over fsdp, kv heads over tensor), and the sampler, the chunked and
+  compacted rollout give the rows of one device."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from brpo import rows as rows_lib
+  from models import sharding as shd
+
+  mesh = shd.make_mesh((1, 4, 2))
+  sp = shd.shard_tree(params, dec.param_axes(CFG), mesh)
+  rows = [p for p in PROMPTS for _ in range(2)]
+  tokens, valid = smp.pad_prompts(rows, 0)
+  assert tokens.shape[1] == 16
+  put = lambda x: jax.device_put(x, rows_lib.row_sharding(mesh, x.shape[0], x.ndim))
+  keys = smp.row_keys(jax.random.PRNGKey(4), np.arange(len(rows)))
+  # Row limits stand in for stops: 3 rows still run after 6 steps, so compaction (every 3 steps)
+  # moves them into 4 rows, min_bucket=1 rounded up to one row per fsdp device.
+  kw = dict(pad_id=0, write_last=True, return_state=True, limit=np.array([2, 10, 5, 3, 10, 4, 1, 7]))
+  cache_layout = NamedSharding(mesh, P("fsdp", None, "tensor", None))
+  one, s1 = smp.sample_padded(params, CFG, tokens, valid, 10, smp.Temperature(1.0), rng=keys,
+                              **kw)
+  gathered = []
+  gather = smp._gather_rows
+  monkeypatch.setattr(smp, "_gather_rows", lambda *a: gathered.append(gather(*a)) or gathered[-1])
+  for compact in (0, 3):
+    got, s2 = smp.sample_padded(sp, CFG, put(tokens), put(valid), 10, smp.Temperature(1.0),
+                                rng=put(keys), compact_every=compact, min_bucket=1, **kw)
+    assert s2.cache.k[0].sharding.is_equivalent_to(cache_layout, 4), compact
+    np.testing.assert_array_equal(got.tokens, one.tokens)
+    np.testing.assert_allclose(got.logprobs, one.logprobs, atol=1e-5)
+    for r, n in enumerate(kw["limit"]):  # Slots past a row's end are never read.
+      np.testing.assert_allclose(s2.cache.v[1][r, :16 + n], s1.cache.v[1][r, :16 + n], atol=1e-5)
+  assert [g.lengths.shape[0] for g in gathered] == [4]
+  assert gathered[0].cache.v[0].sharding.is_equivalent_to(cache_layout, 4)
+  spec = at.AnytimeConfig(budgets=(4, 8, 12), group_size=2, n_summaries=2, summary_len=4)
+  kw = dict(think_strategy=smp.Temperature(1.0), summary_strategy=smp.Temperature(1.0))
+  key = jax.random.PRNGKey(9)
+  ref = at.rollout_rows(params, CFG, tokens, valid, spec, TOKS, key, rollout_batch=8, **kw)
+  for extra in (dict(rollout_batch=4), dict(rollout_batch=4, compact_every=3)):
+    got = at.rollout_rows(sp, CFG, put(tokens), put(valid), spec, TOKS, key, **extra, **kw)
+    assert got.thinking.sharding.spec[0] == "fsdp", extra  # the batch's layout comes back
+    for f in ("thinking", "thinking_len", "summary", "summary_len"):
+      np.testing.assert_array_equal(getattr(got, f), getattr(ref, f), err_msg=f"{f} {extra}")
+    np.testing.assert_allclose(got.summary_logp, ref.summary_logp, atol=1e-5)

@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brpo import rows as rows_lib
 from brpo.rollout import sampling
 from models import attention as attn
 from models import decoder as dec
+from models import sharding as shd
 from models.config import ModelConfig
 from models.tokenizer import Tokenizer
 
@@ -230,10 +232,11 @@ class BranchState:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "prompt_len", "summary_len", "strategy",
-                                             "eos_id", "pad_id", "dense", "block"))
+                                             "eos_id", "pad_id", "dense", "block", "mesh"))
 def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_prompt, cut_len,
                     insert, insert_len, active, rng, *, prompt_len: int, summary_len: int,
-                    strategy, eos_id: int, pad_id: int, dense: bool = False, block: int = 256):
+                    strategy, eos_id: int, pad_id: int, dense: bool = False, block: int = 256,
+                    mesh=None):
   """Decodes C branches per row, each reading its parent's trunk cache up to its own cut.
 
   Args:
@@ -245,6 +248,8 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
     rng: one key, or per-branch keys [R, C, 2] (step k draws with fold_in(key, k)).
     dense: read every trunk slot under a mask (the reference) instead of only the blocks below
       the longest cut (`branch_attention_filled`).
+    mesh: the branch caches are sharded like the trunk (rows over the batch axes, kv heads over
+      tensor: `sampling.CACHE_AXES`), the activations constrained to it.
   Returns:
     (tokens [R, C, W], logp [R, C, W], gen_len [R, C]) with the summary at slots
     [insert_len, insert_len + gen_len).
@@ -259,8 +264,10 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
   if sampling.per_row(rng):
     rng = rng.reshape(r * c, *rng.shape[2:])
   dtype = trunk.k[0].dtype
-  zeros = lambda: tuple(jnp.zeros((r, c, w, cfg.n_kv_heads, cfg.head_dim), dtype)
-                        for _ in range(cfg.n_layers))
+  branch_axes = (sampling.CACHE_AXES[0], None) + sampling.CACHE_AXES[1:]  # [R, C, W, K, Dh]
+  constrain = lambda xs: tuple(shd.constrain(x, mesh, branch_axes) for x in xs)
+  zeros = lambda: constrain(jnp.zeros((r, c, w, cfg.n_kv_heads, cfg.head_dim), dtype)
+                            for _ in range(cfg.n_layers))
   tokens = jnp.concatenate([insert, jnp.full((r, c, summary_len), pad_id, jnp.int32)], axis=2)
   state = BranchState(k=zeros(), v=zeros(), tokens=tokens,
                       logp=jnp.zeros((r, c, w), jnp.float32),
@@ -285,7 +292,7 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
       return o, (tk, tv, bk, bv)
 
     layers = list(zip(trunk.k, trunk.v, s.k, s.v))
-    h, new = dec.decoder(params, cfg, tok, pos, attend, layers)
+    h, new = dec.decoder(params, cfg, tok, pos, attend, layers, mesh=mesh)
     logits = dec.logits_from_hidden(params, cfg, h)  # [R, C, V]
     nxt = k + 1
     rng, key = sampling.step_keys(s.rng, nxt)
@@ -298,7 +305,8 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
     logp = jax.lax.dynamic_update_index_in_dim(s.logp, jnp.where(live, lp, 0.0), nxt, axis=2)
     gen_len = s.gen_len + live.astype(jnp.int32)
     done = s.done | (live & ((sampled == eos_id) | (gen_len >= summary_len)))
-    return BranchState(k=tuple(x[2] for x in new), v=tuple(x[3] for x in new), tokens=tokens,
+    return BranchState(k=constrain(x[2] for x in new), v=constrain(x[3] for x in new),
+                       tokens=tokens,
                        logp=logp, gen_len=gen_len, done=done, step=nxt, rng=rng)
 
   s = jax.lax.while_loop(cond, body, state)
@@ -318,7 +326,7 @@ def anytime_rollout(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                     prompt_length: int | None = None,
                     timings: dict[str, float] | None = None, **kw) -> AnytimeRollout:
   """`rollout_rows` on N prompts, each repeated G times and left-padded here (one process).
-  `kw`: rollout_rows's rollout_batch, compact_every, dense, block.
+  `kw`: rollout_rows's rollout_batch, compact_every, compact_min_rows, dense, block.
 
   The run system pads and places rows across processes itself (`brpo.run.multihost`).
   """
@@ -332,7 +340,7 @@ def rollout_rows(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
                  toks: AnytimeTokens, rng, *, think_strategy=sampling.Temperature(1.0),
                  summary_strategy=sampling.Temperature(1.0),
                  timings: dict[str, float] | None = None, rollout_batch: int = 0,
-                 compact_every: int = 0, dense: bool = False,
+                 compact_every: int = 0, compact_min_rows: int = 8, dense: bool = False,
                  block: int = 256) -> AnytimeRollout:
   """Samples one thinking per row (up to b_m tokens) and A summaries per budget.
 
@@ -347,10 +355,11 @@ def rollout_rows(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
     draws of the original sampler). n > 0 samples n rows per call (thinking and summaries; the
     last chunk is padded), so the KV cache of only n rows is alive at once; the rows then draw
     with per-row keys fold_in(key, global row index) (and per branch), so the result does not
-    depend on n. Single-process arrays only.
+    depend on n. With rows split over processes, a chunk takes n / P rows from each of the P
+    processes' blocks and lies on the mesh like the batch (`_chunked`).
   compact_every: decode the thinking in chunks of this many steps, moving the rows still running
-    into a smaller batch bucket between chunks (`sampling.sample_padded`); uses per-row keys
-    like rollout_batch > 0 (0 = off).
+    into a smaller batch bucket of at least compact_min_rows rows between chunks
+    (`sampling.sample_padded`'s min_bucket); uses per-row keys like rollout_batch > 0 (0 = off).
   dense, block: attention over whole caches (the reference) / the block size of the filled-only
     attention.
   """
@@ -359,33 +368,64 @@ def rollout_rows(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
                      ">= 0")
   rng_think, rng_sum = jax.random.split(rng)
   kw = dict(think_strategy=think_strategy, summary_strategy=summary_strategy, timings=timings,
-            compact_every=compact_every, dense=dense, block=block)
+            compact_every=compact_every, min_bucket=compact_min_rows, dense=dense, block=block)
   if timings is not None:
     timings.update(thinking=0.0, summaries=0.0)
   if not rollout_batch and not compact_every:
     return _rollout_chunk(params, cfg, prompt, valid, spec, toks, rng_think, rng_sum, **kw)
+  return _chunked(params, cfg, prompt, valid, spec, toks, rng_think, rng_sum,
+                  rollout_batch or prompt.shape[0], **kw)
+
+
+def _chunked(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig, toks: AnytimeTokens,
+             rng_think, rng_sum, n: int, **kw) -> AnytimeRollout:
+  """`_rollout_chunk` on chunks of n rows with per-row keys (see `rollout_rows`).
+
+  Each process holds a block of rows (all of them with one process, or when the batch is
+  replicated); chunk i takes rows [i*k, (i+1)*k) of every block (k = n / blocks, the last
+  chunk padded with copies of the block's last row), as one global array on the batch's mesh,
+  and every process keeps its own rows of the result.
+  """
   r = prompt.shape[0]
-  n = rollout_batch or r
   c = len(spec.budgets) * spec.n_summaries
-  ids = np.arange(-(-r // n) * n)
-  ids_row = np.minimum(ids, r - 1)  # the padding of the last chunk repeats the last row
-  prompt, valid = np.asarray(prompt)[ids_row], np.asarray(valid)[ids_row]
-  think_keys = sampling.row_keys(rng_think, ids)
-  sum_keys = jax.vmap(lambda k: sampling.row_keys(k, np.arange(c)))(
-      sampling.row_keys(rng_sum, ids))  # [R, C, 2]
-  parts = [_rollout_chunk(params, cfg, prompt[i:i + n], valid[i:i + n], spec, toks,
-                          think_keys[i:i + n], sum_keys[i:i + n], **kw)
-           for i in range(0, len(ids), n)]
-  if len(parts) == 1 and len(ids) == r:
-    return parts[0]
-  join = lambda *xs: jnp.concatenate(xs, axis=0)[:r]
-  out = jax.tree.map(join, *[p.replace(budgets=None) for p in parts])
-  return out.replace(budgets=parts[0].budgets)
+  mesh = sampling.mesh_of(prompt)
+  mine = rows_lib.local_slice(prompt) if mesh is not None else slice(0, r)
+  lo, held = mine.start, mine.stop - mine.start
+  blocks = r // held
+  if n % blocks:
+    raise ValueError(f"rollout_batch={n} must be a multiple of the {blocks} processes that hold "
+                     f"rows of the batch of {r}")
+  k = n // blocks
+  if mesh is not None and rows_lib.process_rows(rows_lib.row_sharding(mesh, n, 2), n) != slice(
+      lo // held * k, lo // held * k + k):
+    raise ValueError(f"rollout_batch={n}: the chunk's rows do not split over the mesh like the "
+                     f"batch's; use a multiple of the mesh's data x fsdp size")
+  ids = lo + np.arange(-(-held // k) * k)  # global row ids; padding past the block repeats
+  ids_row = np.minimum(ids, lo + held - 1) - lo  # its last row (dropped again at the end)
+  local = lambda x: (rows_lib.local_rows(x) if mesh is not None else np.asarray(x))[ids_row]
+  prompt, valid = local(prompt), local(valid)
+  think_keys = np.asarray(sampling.row_keys(rng_think, ids))
+  sum_keys = np.asarray(jax.vmap(lambda key: sampling.row_keys(key, np.arange(c)))(
+      sampling.row_keys(rng_sum, ids)))  # [rows, C, 2]
+  put = ((lambda x: rows_lib.put_rows(x, rows_lib.row_sharding(mesh, n, x.ndim), n))
+         if mesh is not None else jnp.asarray)
+  parts = []
+  for i in range(0, len(ids), k):
+    part = _rollout_chunk(params, cfg, put(prompt[i:i + k]), put(valid[i:i + k]), spec, toks,
+                          put(think_keys[i:i + k]), put(sum_keys[i:i + k]), **kw)
+    parts.append(part.replace(budgets=None))
+  budgets = jnp.asarray(spec.budgets, jnp.int32)
+  if mesh is None:
+    join = lambda *xs: jnp.concatenate(xs, axis=0)[:r]
+    return jax.tree.map(join, *parts).replace(budgets=budgets)
+  join = lambda *xs: np.concatenate([rows_lib.local_rows(x) for x in xs], axis=0)[:held]
+  back = lambda x: rows_lib.put_rows(x, rows_lib.row_sharding(mesh, r, x.ndim), r)
+  return jax.tree.map(lambda *xs: back(join(*xs)), *parts).replace(budgets=budgets)
 
 
 def _rollout_chunk(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
                    toks: AnytimeTokens, rng_think, rng_sum, *, think_strategy, summary_strategy,
-                   timings, compact_every, dense, block) -> AnytimeRollout:
+                   timings, compact_every, min_bucket, dense, block) -> AnytimeRollout:
   """One sampler call: the thinkings of these rows, then all their branches."""
   clock = time.perf_counter()
   a, s_len = spec.n_summaries, spec.summary_len
@@ -393,7 +433,7 @@ def _rollout_chunk(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
   out, state = sampling.sample_padded(
       params, cfg, prompt, valid, spec.b_max, think_strategy, toks.thinking_stops, rng_think,
       pad_id=toks.pad_id, write_last=True, return_state=True, compact_every=compact_every,
-      dense=dense, block=block)
+      min_bucket=min_bucket, dense=dense, block=block)
   if timings is not None:
     jax.block_until_ready(out.tokens)
     timings["thinking"] += time.perf_counter() - clock
@@ -410,7 +450,7 @@ def _rollout_chunk(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
       params, cfg, state.cache, state.start, state.n_prompt, rep(cuts.length), rep(cuts.insert),
       rep(cuts.insert_len), active, rng_sum, prompt_len=prompt_len, summary_len=s_len,
       strategy=summary_strategy, eos_id=toks.eos_id, pad_id=toks.pad_id, dense=dense,
-      block=block)
+      block=block, mesh=sampling.mesh_of(prompt))
   if timings is not None:
     jax.block_until_ready(tokens)
     timings["summaries"] += time.perf_counter() - clock

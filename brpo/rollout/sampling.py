@@ -9,6 +9,10 @@ length, N new tokens, S = P + N cache slots, V vocab.
 Random keys: one key (the batch is sampled with one draw per step, as it always was) or per-row
 keys [B, 2] (row b's step-i draw uses fold_in(key_b, i), so a row's sample does not depend on
 which other rows share its batch: chunked rollouts and compacted batches need this).
+
+On a mesh (prompts given as global arrays with a NamedSharding, or `mesh=`), the KV cache is
+sharded explicitly: rows over the batch axes (data, fsdp), kv heads over tensor where they
+divide (`CACHE_AXES`), and the decoder's activations are constrained to the same mesh.
 """
 
 from __future__ import annotations
@@ -21,13 +25,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brpo import rows as rows_lib
 from brpo.rollout.strategies import (  # noqa: F401  (re-exported: sampling.Greedy, ...)
     Greedy, Temperature, TopK, TopP, draw, make_strategy, per_row, row_keys, step_keys,
     token_logprobs)
 from models import attention as attn
 from models import decoder as dec
 from models import masks
+from models import sharding as shd
 from models.config import ModelConfig
+
+# Logical axes of a cache buffer [B, S, K, Dh] (models.sharding.ACTIVATION_RULES).
+CACHE_AXES = ("batch", None, "kv_heads", None)
+
+
+def mesh_of(x):
+  """The mesh of a global array laid out on more than one device (None otherwise)."""
+  sharding = getattr(x, "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  return mesh if mesh is not None and mesh.size > 1 else None
+
+
+def constrain_cache(cache: dec.KVCache, mesh) -> dec.KVCache:
+  """The cache with every buffer constrained to CACHE_AXES on `mesh` (no-op without one)."""
+  c = lambda x: shd.constrain(x, mesh, CACHE_AXES)
+  return dec.KVCache(k=tuple(map(c, cache.k)), v=tuple(map(c, cache.v)))
 
 # ---------------------------------------------------------------------------------------------
 # Stop sequences.
@@ -144,15 +166,17 @@ def _record(state: SampleState, logits, i, strategy, stops, pad_id, n_new):
                        stop_reason=stop_reason, lengths=state.lengths + live.astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n_new", "strategy", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("cfg", "n_new", "strategy", "pad_id", "mesh"))
 def prefill_jit(params, cfg: ModelConfig, prompt, valid, stops, rng, limit=None, *, n_new: int,
-                strategy, pad_id: int) -> SampleState:
+                strategy, pad_id: int, mesh=None) -> SampleState:
   """Prefills the prompt [B, P] into a fresh cache of P + n_new slots and samples token 0.
-  limit: optional [B] per-row token limits (<= n_new)."""
+  limit: optional [B] per-row token limits (<= n_new). mesh: shard the cache (CACHE_AXES)."""
   b, p = prompt.shape
-  cache = dec.init_cache(cfg, b, p + n_new)
+  cache = constrain_cache(dec.init_cache(cfg, b, p + n_new), mesh)
   positions = masks.positions_from_valid(valid)
-  logits, cache = dec.prefill(params, cfg, prompt, positions, masks.causal_mask(valid), cache)
+  logits, cache = dec.prefill(params, cfg, prompt, positions, masks.causal_mask(valid), cache,
+                              mesh=mesh)
+  cache = constrain_cache(cache, mesh)
   w = stops.shape[1]
   limit = (jnp.full((b,), n_new, jnp.int32) if limit is None
            else jnp.minimum(jnp.asarray(limit, jnp.int32), n_new))
@@ -171,7 +195,7 @@ def _write(buf, new, index):
 
 
 def decode_step(params, cfg: ModelConfig, tok, pos, cache: dec.KVCache, index, start, *,
-                dense: bool = False, block: int = 256):
+                dense: bool = False, block: int = 256, mesh=None):
   """One token per row: writes its keys/values at cache slot `index` and attends over slots
   [start, index] only. tok, pos [B, 1]; start [B] -> (logits [B, V], cache).
 
@@ -181,24 +205,24 @@ def decode_step(params, cfg: ModelConfig, tok, pos, cache: dec.KVCache, index, s
   if dense:
     slots = jnp.arange(cache.length)
     kv_mask = ((slots[None] >= start[:, None]) & (slots[None] <= index))[:, None, :]
-    logits, cache = dec.decode_step(params, cfg, tok, pos, cache, index, kv_mask)
-    return logits[:, 0], cache
+    logits, cache = dec.decode_step(params, cfg, tok, pos, cache, index, kv_mask, mesh=mesh)
+    return logits[:, 0], constrain_cache(cache, mesh)
 
   def attend(q, k, v, kv):
     ck, cv = _write(kv[0], k, index), _write(kv[1], v, index)
     return attn.decode_attention(q, ck, cv, start, index + 1, block=block), (ck, cv)
 
-  h, states = dec.decoder(params, cfg, tok, pos, attend, list(zip(cache.k, cache.v)))
+  h, states = dec.decoder(params, cfg, tok, pos, attend, list(zip(cache.k, cache.v)), mesh=mesh)
   new = dec.KVCache(k=tuple(s[0] for s in states), v=tuple(s[1] for s in states))
-  return dec.logits_from_hidden(params, cfg, h[:, 0]), new
+  return dec.logits_from_hidden(params, cfg, h[:, 0]), constrain_cache(new, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "strategy", "pad_id", "write_last", "dense",
-                                             "block"),
+                                             "block", "mesh"),
                    donate_argnames=("state",))
 def decode_jit(params, cfg: ModelConfig, state: SampleState, stops, until=None, *, strategy,
-               pad_id: int, write_last: bool, dense: bool = False,
-               block: int = 256) -> SampleState:
+               pad_id: int, write_last: bool, dense: bool = False, block: int = 256,
+               mesh=None) -> SampleState:
   """Decodes until every row has stopped or produced its tokens (or `written` reaches `until`,
   a traced step count: the loop can be run in chunks of steps).
 
@@ -218,7 +242,7 @@ def decode_jit(params, cfg: ModelConfig, state: SampleState, stops, until=None, 
     tok = jax.lax.dynamic_slice_in_dim(s.tokens, i, 1, axis=1)  # [B, 1]
     pos = (s.n_prompt + i)[:, None]
     logits, cache = decode_step(params, cfg, tok, pos, s.cache, p + i, s.start, dense=dense,
-                                block=block)
+                                block=block, mesh=mesh)
     s = s.replace(cache=cache, written=i + 1)
     return _record(s, logits, i + 1, strategy, stops, pad_id, n_new)
 
@@ -237,9 +261,10 @@ def _rows_of(state: SampleState):
   return {k: getattr(state, k) for k in names}
 
 
-@jax.jit
-def _gather_rows(state: SampleState, idx) -> SampleState:
-  return state.replace(**jax.tree.map(lambda x: x[idx], _rows_of(state)))
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _gather_rows(state: SampleState, idx, mesh=None) -> SampleState:
+  state = state.replace(**jax.tree.map(lambda x: x[idx], _rows_of(state)))
+  return state.replace(cache=constrain_cache(state.cache, mesh))
 
 
 @functools.partial(jax.jit, donate_argnames=("full",))
@@ -258,15 +283,18 @@ def bucket_rows(n: int, batch: int, min_bucket: int = 8) -> int:
 
 def _decode_compacting(params, cfg, state: SampleState, stops, *, chunk: int, min_bucket: int,
                        **kw) -> SampleState:
-  """`decode_jit` in chunks of `chunk` steps, compacting the running rows between chunks."""
+  """`decode_jit` in chunks of `chunk` steps, compacting the running rows between chunks.
+
+  Every process takes the same decision from the whole batch's state (`rows.fetch`): with rows
+  split over processes, the gathers and scatters move rows between them."""
   write_last = kw["write_last"]
   batch = state.lengths.shape[0]
   full, cur, idx = None, state, np.arange(batch)
   while True:
-    written = int(cur.written)
-    cur = decode_jit(params, cfg, cur, stops, jnp.int32(written + chunk), **kw)
-    pending = np.asarray(cur.pending(write_last))
-    if not pending.any() or int(cur.written) >= cur.tokens.shape[1]:
+    written = int(rows_lib.fetch(cur.written))
+    cur = decode_jit(params, cfg, cur, stops, np.int32(written + chunk), **kw)
+    pending = rows_lib.fetch(cur.pending(write_last))
+    if not pending.any() or int(rows_lib.fetch(cur.written)) >= cur.tokens.shape[1]:
       break
     size = bucket_rows(int(pending.sum()), batch, min_bucket)
     if size >= len(idx):
@@ -274,10 +302,10 @@ def _decode_compacting(params, cfg, state: SampleState, stops, *, chunk: int, mi
     # Live rows first, then finished rows as filler (they are done: the loop skips them, and
     # scattering them back changes nothing that is read).
     order = np.concatenate([np.flatnonzero(pending), np.flatnonzero(~pending)])[:size]
-    full = cur if full is None else _scatter_rows(full, cur, jnp.asarray(idx))
+    full = cur if full is None else _scatter_rows(full, cur, idx)
     idx = idx[order]
-    cur = _gather_rows(full, jnp.asarray(idx))
-  return cur if full is None else _scatter_rows(full, cur, jnp.asarray(idx))
+    cur = _gather_rows(full, idx, kw["mesh"])
+  return cur if full is None else _scatter_rows(full, cur, idx)
 
 
 def sample(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -293,7 +321,7 @@ def sample(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_t
     prompt_length: pad to exactly this length instead of the bucket.
     write_last: also write the last generated token into the cache (anytime summaries read it).
     return_state: also return the final SampleState (its KV cache holds prompt + generation).
-    **kw: `sample_padded`'s keywords (limit, compact_every, min_bucket, dense, block).
+    **kw: `sample_padded`'s keywords (limit, compact_every, min_bucket, dense, block, mesh).
   Returns:
     SampleOutput with tokens/logprobs [B, N], lengths/stop_reason [B] (and the state).
   """
@@ -306,16 +334,19 @@ def sample_padded(params, cfg: ModelConfig, tokens, valid, max_new_tokens: int,
                   strategy=Greedy(), stop_sequences: Sequence[Sequence[int]] = (), rng=None, *,
                   pad_id: int = 0, write_last: bool = False, return_state: bool = False,
                   limit=None, compact_every: int = 0, min_bucket: int = 8, dense: bool = False,
-                  block: int = 256):
+                  block: int = 256, mesh=None):
   """`sample` from left-padded prompts: tokens, valid [B, P] (numpy, or global arrays whose rows
-  are split over processes: the outputs then keep the rows where they are).
+  are split over devices and processes: the outputs then keep the rows where they are).
 
   limit: optional [B] per-row token limits (a row stops there with stop_reason -1).
   compact_every: 0 decodes in one loop over the whole batch. n > 0 decodes in chunks of n steps
     and, between chunks, moves the rows still running into a smaller batch bucket
-    (`bucket_rows`), so finished rows stop costing. Needs per-row keys or greedy decoding (a
-    batch key's draw depends on the batch shape). Single-process arrays only.
+    (`bucket_rows`, at least `min_bucket` rows; on a mesh a multiple of its data x fsdp size,
+    so that the rows stay split over the devices), so finished rows stop costing. Needs per-row
+    keys or greedy decoding (a batch key's draw depends on the batch shape).
   dense: attend over the whole cache (the pre-#13 path) instead of the filled blocks.
+  mesh: shard the KV cache and the activations over this mesh (default: the mesh `tokens` is
+    laid out on, if any; see CACHE_AXES).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -332,9 +363,14 @@ def sample_padded(params, cfg: ModelConfig, tokens, valid, max_new_tokens: int,
   if compact_every and not (per_row(rng) or isinstance(strategy, Greedy)):
     raise ValueError("compact_every needs per-row keys (sampling.row_keys) or greedy decoding: "
                      "a single key's draws depend on the batch size")
+  mesh = mesh if mesh is not None else mesh_of(tokens)
+  if mesh is not None:
+    ways = rows_lib.batch_ways(mesh)
+    min_bucket = -(-min_bucket // ways) * ways
   state = prefill_jit(params, cfg, tokens, valid, stops, rng, limit, n_new=max_new_tokens,
-                      strategy=strategy, pad_id=pad_id)
-  kw = dict(strategy=strategy, pad_id=pad_id, write_last=write_last, dense=dense, block=block)
+                      strategy=strategy, pad_id=pad_id, mesh=mesh)
+  kw = dict(strategy=strategy, pad_id=pad_id, write_last=write_last, dense=dense, block=block,
+            mesh=mesh)
   if compact_every:
     state = _decode_compacting(params, cfg, state, stops, chunk=compact_every,
                                min_bucket=min_bucket, **kw)

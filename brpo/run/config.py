@@ -170,6 +170,10 @@ class RLConfig:
   compact_every: int = setting(
       0, "Decode the thinking in chunks of this many steps, moving the rows still running into "
       "a smaller batch between chunks (0: off; per-row keys as with --rollout_batch).")
+  compact_min_rows: int = setting(
+      8, "The smallest batch --compact_every moves the running rows into (batches double from "
+      "there; each size is one more compilation). On a mesh it is rounded up to a multiple of "
+      "data x fsdp.")
   old_logp: str = setting(
       "recompute", "PPO's old log-probs: recompute (the paper's code: the training forward "
       "before the update) or sampler (the rollout's own log-probs).", choices=OLD_LOGP)
@@ -185,6 +189,7 @@ class RLConfig:
         (self.micro_batches >= 1, "micro_batches", ">= 1"),
         (self.rollout_batch >= 0, "rollout_batch", ">= 0"),
         (self.compact_every >= 0, "compact_every", ">= 0"),
+        (self.compact_min_rows >= 1, "compact_min_rows", ">= 1"),
         (self.lam > 0, "lam", "> 0"),
         (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
         (self.temperature > 0, "temperature", "> 0 (rollouts sample)"),

@@ -14,6 +14,7 @@ import tqdm
 from etils import epath
 
 from brpo.rollout import anytime as at
+from brpo import rows as rows_lib
 from brpo.run import multihost
 from brpo import paths
 from brpo.run import scoring
@@ -72,7 +73,7 @@ def evaluate(params, cfg: ModelConfig, tokenizer: Tokenizer, toks: at.AnytimeTok
     refs = [references[k] for k in idx for _ in range(samples)]
     rewards = scoring.score_rollout(ro, tokenizer, toks, refs, grader)[:rows, :, 0]
     correct += rewards.sum(0)
-    think_tokens += float(multihost.fetch(ro.thinking_len)[:rows].sum())
+    think_tokens += float(rows_lib.fetch(ro.thinking_len)[:rows].sum())
     count += rows
   acc = correct / count
   return {"budgets": [int(b) for b in budgets], "accuracy": [float(a) for a in acc],

@@ -20,6 +20,7 @@ import numpy as np
 from brpo.core import advantages as adv_lib
 from brpo.rollout import anytime as at
 from brpo.rollout import sampling
+from brpo import rows as rows_lib
 from brpo.run import multihost
 from brpo.run.config import RLConfig
 from brpo.run.scoring import score_rollout
@@ -109,7 +110,7 @@ def _put_rows(x, mesh):
   `x` is numpy (the same on every process) or a global array."""
   if mesh is None:
     return x
-  return jax.device_put(x, multihost.row_sharding(mesh, x.shape[0], x.ndim))
+  return jax.device_put(x, rows_lib.row_sharding(mesh, x.shape[0], x.ndim))
 
 
 def rl_step(state: TrainState, prompts: Sequence[Sequence[int]], references: Sequence[Any],
@@ -132,12 +133,13 @@ def rl_step(state: TrainState, prompts: Sequence[Sequence[int]], references: Seq
   roll_params, roll_cfg = for_decoding(state.params, ctx.cfg)
   ro = at.rollout_rows(roll_params, roll_cfg, prompt, valid, spec, ctx.toks, key_roll,
                        think_strategy=strategy, summary_strategy=strategy, timings=timings,
-                       rollout_batch=rl.rollout_batch, compact_every=rl.compact_every)
+                       rollout_batch=rl.rollout_batch, compact_every=rl.compact_every,
+                       compact_min_rows=rl.compact_min_rows)
   t1 = time.perf_counter()
   refs = [ref for ref in references for _ in range(g)]
   rewards = score_rollout(ro, ctx.tokenizer, ctx.toks, refs, ctx.grader)  # [R, m, A]
   t2 = time.perf_counter()
-  canonical = multihost.fetch(ro.cuts.canonical)
+  canonical = rows_lib.fetch(ro.cuts.canonical)
   think_adv, summ_adv, summ_train = compute_advantages(
       rewards.reshape(n, g, m, -1), rl, canonical, ro.reused)
   # Placed like the rollout's rows (every process holds the same advantages).
@@ -150,19 +152,19 @@ def rl_step(state: TrainState, prompts: Sequence[Sequence[int]], references: Seq
   # Mini-batches of whole groups, in a fresh order each epoch.
   step_metrics: list[dict[str, Any]] = []
   for epoch in range(rl.ppo_epochs):
-    perm = multihost.fetch(jax.random.permutation(jax.random.fold_in(key_shuffle, epoch), n))
+    perm = rows_lib.fetch(jax.random.permutation(jax.random.fold_in(key_shuffle, epoch), n))
     order = (perm[:, None] * g + np.arange(g)[None]).reshape(-1)
     for start in range(0, n * g, rows_per_mb):
       idx = order[start:start + rows_per_mb]
       mb = jax.tree.map(lambda x: _put_rows(x[idx], ctx.mesh), batch)
       state, met = ctx.train_step(state, mb)
       step_metrics.append(met)
-  step_metrics = multihost.fetch(step_metrics)
+  step_metrics = rows_lib.fetch(step_metrics)
   t3 = time.perf_counter()
   state = state.replace(step=state.step + 1, rng=rng)
   metrics = _metrics(ro, rewards, think_adv, step_metrics, rl, timings,
                      dict(rollout=t1 - t0, grading=t2 - t1, update=t3 - t2),
-                     ctx.lr_fn(int(multihost.fetch(state.step)) - 1))
+                     ctx.lr_fn(int(rows_lib.fetch(state.step)) - 1))
   if logp_gap is not None:
     metrics["logp_gap_sampler_trainer"] = logp_gap
   return state, metrics
@@ -180,9 +182,9 @@ def recompute_old_logp(params, batch: packing.PackedBatch, ctx: RLContext, rows:
   n = batch.tokens.shape[0]
   parts = [ctx.logprob_fn(params, jax.tree.map(
       lambda x: _put_rows(x[start:start + rows], ctx.mesh), batch)) for start in range(0, n, rows)]
-  new = multihost.fetch(parts)
+  new = rows_lib.fetch(parts)
   new = np.concatenate(new, axis=0)
-  mask, sampler = multihost.fetch((batch.loss_mask, batch.old_logp))
+  mask, sampler = rows_lib.fetch((batch.loss_mask, batch.old_logp))
   new = np.where(mask, new, 0.0).astype(np.float32)
   gap = float(np.abs(new - sampler)[mask].mean()) if mask.any() else 0.0
   put = (lambda x: _put_rows(x, ctx.mesh)) if ctx.mesh is not None else jnp.asarray
@@ -192,7 +194,7 @@ def recompute_old_logp(params, batch: packing.PackedBatch, ctx: RLContext, rows:
 def _metrics(ro, rewards, think_adv, step_metrics, rl: RLConfig, timings, phases, lr):
   """Flat dict of floats for metrics.jsonl."""
   spec = rl.budget_spec
-  h = multihost.fetch({"tl": ro.thinking_len, "end": ro.thinking_end, "sl": ro.summary_len,
+  h = rows_lib.fetch({"tl": ro.thinking_len, "end": ro.thinking_end, "sl": ro.summary_len,
                        "canon": ro.cuts.canonical})
   out: dict[str, float] = {}
   acc = rewards.mean(axis=(0, 2))  # [m]

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from brpo.rollout import anytime as at
-from brpo.run import multihost
+from brpo import rows as rows_lib
 from models.tokenizer import Tokenizer
 
 
@@ -21,10 +21,10 @@ def rollout_texts(ro: at.AnytimeRollout, tokenizer: Tokenizer, toks: at.AnytimeT
   response is "\\n\\n**Final Answer**\\n" plus the generated summary (without eos); eos_cut
   marks the cut that holds the end-of-sequence ending the thinking (it scores 0; earlier cuts of
   that thinking are graded as usual, as in the official code).
-  Only the rows this process holds (multihost.local_rows; all of them with one process); r
+  Only the rows this process holds (rows_lib.local_rows; all of them with one process); r
   counts from the first of them.
   """
-  h = {k: multihost.local_rows(x) for k, x in (
+  h = {k: rows_lib.local_rows(x) for k, x in (
       ("think", ro.thinking), ("end", ro.thinking_end), ("len", ro.cuts.length),
       ("canon", ro.cuts.canonical), ("ended", ro.cuts.ended), ("eos", ro.cuts.eos),
       ("summ", ro.summary),
@@ -59,14 +59,14 @@ def score_rollout(ro: at.AnytimeRollout, tokenizer: Tokenizer, toks: at.AnytimeT
   gets all the rewards.
   """
   texts = rollout_texts(ro, tokenizer, toks)
-  refs = list(references)[multihost.local_slice(ro.summary_len)]
+  refs = list(references)[rows_lib.local_slice(ro.summary_len)]
   scores = grader.score_batch([t[3] for t in texts], [t[4] for t in texts],
                               [refs[t[0]] for t in texts], [t[5] for t in texts])
-  canon = multihost.local_rows(ro.cuts.canonical)
+  canon = rows_lib.local_rows(ro.cuts.canonical)
   r_, m = canon.shape
   rewards = np.zeros((r_, m, ro.summary_len.shape[2]), np.float32)
   for (r, j, a, *_), s in zip(texts, scores):
     rewards[r, j, a] = s
   if ro.reused:
     rewards = np.take_along_axis(rewards, canon[:, :, None], axis=1)
-  return multihost.gather_rows(rewards, ro.summary_len)
+  return rows_lib.gather_rows(rewards, ro.summary_len)
