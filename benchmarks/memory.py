@@ -13,8 +13,15 @@ before jax is imported). Per device: arguments + outputs + temporaries - donated
 
 CPU figures are XLA:CPU's buffer assignment: a GPU compile schedules differently (and keeps
 bfloat16 matmuls in bfloat16), so read them as the design check they are, not as a GPU measurement.
-Also printed: the rollout's KV-cache bytes per row of a thinking of b_max tokens, and how many rows
-fit in 80 GB beside the parameters (the rollout is decoded in chunks of rows).
+The rollout is compiled the same way (`rollout_memory`): the three programs of one sampler call
+(`sampling.prefill_jit`, the thinking's `sampling.decode_jit` loop, the summaries'
+`anytime.decode_branches`) on a chunk of `--rollout_batch` rows of prompt + b_max thinking with
+m * A branches of (inserted + S) slots, per-row keys, the parameters in the decoding layout
+(`models.params.for_decoding`: per layer, matrices in bfloat16). Its peak is the largest of the three; on one
+device the training state that stays resident during the rollout (the scanned parameters and the
+Adam moments, `--init`'s figure) is added. On the fsdp mesh the paper flagfile's 512 rows are
+rolled out in one call (64 per device): the KV cache is sharded explicitly (rows over fsdp).
+Also printed: the KV-cache bytes per row and how many rows fit in 80 GB beside the parameters.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from brpo.rollout import anytime as at  # noqa: E402
+from brpo.rollout import sampling  # noqa: E402
+from brpo import rows as rows_lib  # noqa: E402
 from brpo.run import config as run_config  # noqa: E402
 from brpo.train import packing as pk  # noqa: E402
 from brpo.train import step as train_lib  # noqa: E402
@@ -98,6 +108,48 @@ def update_memory(cfg, ec: run_config.ExperimentConfig, mesh, rows_per_device: i
               rows_per_micro_batch=rows // micro, slots=t, compile_s=time.time() - t0)
 
 
+def _peak(compiled) -> dict:
+  mem = compiled.memory_analysis()
+  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes)
+  return dict(peak_gb=peak / GB, argument_gb=mem.argument_size_in_bytes / GB,
+              temp_gb=mem.temp_size_in_bytes / GB, output_gb=mem.output_size_in_bytes / GB)
+
+
+def rollout_memory(cfg, mesh, rows: int, prompt_len: int, b_max: int, m: int, a: int, s: int,
+                   n_insert: int) -> dict:
+  """Compiles one sampler call of `rows` thinkings on `mesh` (prefill, the thinking loop, the
+  branch loop); returns XLA's memory figures per device for each and their maximum."""
+  params, dcfg = param_lib.for_decoding(param_lib.abstract_params(cfg, mesh), cfg)
+  rows_of = lambda shape, dt: jax.ShapeDtypeStruct(
+      (rows,) + shape, dt, sharding=rows_lib.row_sharding(mesh, rows, 1 + len(shape)))
+  strategy = sampling.Temperature(1.0)
+  stops = jax.ShapeDtypeStruct((2, 1), jnp.int32)  # `</think>`, end of sequence
+  keys = rows_of((2,), jnp.uint32)
+  mesh_arg = mesh if mesh.size > 1 else None
+  t0 = time.time()
+  prefill = sampling.prefill_jit.lower(
+      params, dcfg, rows_of((prompt_len,), jnp.int32), rows_of((prompt_len,), jnp.bool_), stops,
+      keys, None, n_new=b_max, strategy=strategy, pad_id=0, mesh=mesh_arg).compile()
+  state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                       jax.eval_shape(lambda: prefill.out_info), prefill.output_shardings)
+  decode = sampling.decode_jit.lower(params, dcfg, state, stops, None, strategy=strategy,
+                                     pad_id=0, write_last=True, mesh=mesh_arg).compile()
+  c = m * a
+  branches = at.decode_branches.lower(
+      params, dcfg, state.cache, state.start, state.n_prompt, rows_of((c,), jnp.int32),
+      rows_of((c, n_insert), jnp.int32), rows_of((c,), jnp.int32), rows_of((c,), jnp.bool_),
+      rows_of((c, 2), jnp.uint32), prompt_len=prompt_len, summary_len=s, strategy=strategy,
+      eos_id=1, pad_id=0, mesh=mesh_arg).compile()
+  out = {name: _peak(x) for name, x in
+         (("prefill", prefill), ("thinking", decode), ("summaries", branches))}
+  cache = state.cache.k[0]
+  per_dev = cache.sharding.shard_shape(cache.shape)[0] if cache.sharding else rows
+  return dict(phases=out, peak_gb=max(v["peak_gb"] for v in out.values()),
+              params_gb=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / GB,
+              rows=rows, cache_rows_per_device=per_dev, compile_s=time.time() - t0)
+
+
 def kv_cache_report(cfg, prompt_len: int, b_max: int, state_gb_1dev: float, hbm_gb: float = 80):
   """Bytes of the rollout's bfloat16 KV cache per row (prompt + thinking) and rows that fit."""
   per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # k and v, bfloat16
@@ -123,6 +175,9 @@ def main(argv=None):
   ap.add_argument("--rows_per_device", type=int, default=1, help="packed rows per device per "
                   "micro-batch")
   ap.add_argument("--devices", type=int, default=8, help="the fsdp mesh's size")
+  ap.add_argument("--rollout_batch", type=int, default=128,
+                  help="rows per sampler call on one device (the fsdp mesh rolls out all 512)")
+  ap.add_argument("--skip_rollout", action="store_true", help="only the update")
   ap.add_argument("--quick", action="store_true", help="only the one-device case at 2048")
   args = ap.parse_args(argv)
 
@@ -177,6 +232,29 @@ def main(argv=None):
         f"{kv['rows_in_80gb_beside_params']} rows; beside the whole train state on one device "
         f"({state_gb:.1f} GB): {kv['rows_in_80gb_beside_train_state_1dev']} rows "
         f"(the paper's batch: {kv['rows_needed']} thinkings)")
+  if not args.skip_rollout:
+    b_max, n_rows = max(budgets), kv["rows_needed"]
+    chunks = {"1dev": (one, args.rollout_batch)} if args.quick else {
+        "1dev": (one, args.rollout_batch), f"fsdp{args.devices}": (fsdp, n_rows)}
+    # Resident during the rollout besides its own buffers: on one device the scanned float32
+    # parameters and the Adam moments (the update's arguments, less the batch).
+    resident = {"1dev": details[f"b{max(budgets)}_1dev"]["argument_gb"] if
+                f"b{max(budgets)}_1dev" in details else 0.0}
+    for name, (mesh, n) in chunks.items():
+      r = rollout_memory(cfg, mesh, n, args.prompt_len, b_max, m, a, s, args.n_insert)
+      details[f"rollout_{name}"] = r
+      total = r["peak_gb"] + resident.get(name, 0.0)
+      phases = ", ".join(f"{k} {v['peak_gb']:.2f}" for k, v in r["phases"].items())
+      extra_txt = (f" + {resident[name]:.2f} GB of resident training state = {total:.2f} GB"
+                   if name in resident else "")
+      print(f"rollout b_max={b_max} {name:>6}: parameters {r['params_gb']:.2f} GB; {n} rows per "
+            f"sampler call "
+            f"({-(-n_rows // n)} calls for {n_rows} thinkings), {r['cache_rows_per_device']} "
+            f"rows' KV cache per device; peak {r['peak_gb']:.2f} GB per device ({phases})"
+            f"{extra_txt}; compiled in {r['compile_s']:.0f} s", flush=True)
+      suffix = "" if b_max == 8000 else f"_b{b_max}"
+      out[f"paper_rollout_gb_{name}{suffix}"] = round(total, 2)
+    out["rollout_batch_1dev"] = args.rollout_batch
   out.update(remat=cfg.remat, scan_layers=cfg.scan_layers,
              kv_gb_per_row=round(kv["kv_gb_per_row"], 4),
              rollout_rows_in_80gb_beside_params=kv["rows_in_80gb_beside_params"])

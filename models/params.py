@@ -219,7 +219,24 @@ def relayout(tree: Any, scan_layers: bool) -> Any:
 
 
 def for_decoding(params: Params, cfg):
-  """(params, cfg) for sampling: the per-layer layout and no remat. A scanned stack would stack
-  and split every layer's KV cache at each decode step (models.decoder.decoder), and remat only
-  matters under a gradient. Values are unchanged."""
-  return unstack_layers(params), cfg.replace(scan_layers=False, remat="none")
+  """(params, cfg) for sampling: the per-layer layout, no remat, and the weight matrices in the
+  compute dtype. A scanned stack would stack and split every layer's KV cache at each decode step
+  (models.decoder.decoder), remat only matters under a gradient, and every matrix is cast to the
+  compute dtype where it is used: cast once here, a bfloat16-compute run with float32 parameters
+  holds (and each decode step reads) half the bytes. Outputs are unchanged (norm weights and
+  biases, used in float32, keep their dtype). `params` may be ShapeDtypeStructs."""
+  dcfg = cfg.replace(scan_layers=False, remat="none")
+  dt = jnp.dtype(cfg.compute_dtype)
+
+  def cast(x):
+    if x.ndim < 2 or jnp.dtype(x.dtype).itemsize <= dt.itemsize:
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dt, sharding=x.sharding)
+    return x.astype(dt)
+
+  if not is_stacked(params):
+    return jax.tree.map(cast, params), dcfg
+  if isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct):
+    return jax.tree.map(cast, _unstack_abstract(params)), dcfg
+  return jax.tree.map(cast, unstack_layers(params)), dcfg

@@ -338,3 +338,26 @@ def test_sharded_rollout_equals_single_device(params, monkeypatch):
     for f in ("thinking", "thinking_len", "summary", "summary_len"):
       np.testing.assert_array_equal(getattr(got, f), getattr(ref, f), err_msg=f"{f} {extra}")
     np.testing.assert_allclose(got.summary_logp, ref.summary_logp, atol=1e-5)
+
+
+def test_decoding_params_in_the_compute_dtype_change_nothing(params):
+  """for_decoding casts the weight matrices of a bfloat16-compute, float32-parameter model to
+  bfloat16 once (half the bytes each decode step reads): the same tokens and log-probs as the
+  float32 parameters cast at every use, from a scanned model too."""
+  from models import params as params_lib
+
+  cfg = CFG.replace(dtype="bfloat16", scan_layers=True, remat="full")
+  stacked = params_lib.stack_layers(params)
+  dparams, dcfg = params_lib.for_decoding(stacked, cfg)
+  assert dparams["layers"][0]["wq"].dtype == jnp.bfloat16 and dparams["embed"].dtype == jnp.bfloat16
+  assert dparams["layers"][0]["attn_norm"].dtype == jnp.float32  # norms are used in float32
+  assert not dcfg.scan_layers and dcfg.remat == "none"
+  plain = cfg.replace(scan_layers=False, remat="none")
+  key = jax.random.PRNGKey(3)
+  want = smp.sample(params, plain, PROMPTS, 8, smp.Temperature(1.0), [[63]], key, pad_id=0)
+  got = smp.sample(dparams, dcfg, PROMPTS, 8, smp.Temperature(1.0), [[63]], key, pad_id=0)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.logprobs, want.logprobs)
+  abstract = params_lib.for_decoding(jax.eval_shape(lambda: stacked), cfg)[0]
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), dparams)
