@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 import time
 
@@ -108,12 +110,38 @@ def update_memory(cfg, ec: run_config.ExperimentConfig, mesh, rows_per_device: i
               rows_per_micro_batch=rows // micro, slots=t, compile_s=time.time() - t0)
 
 
+_ENTRY_PARAM = re.compile(r"^\s*%(\S+) = bf16\[[\d,]*\]\S* parameter\(")
+_ENTRY_CONVERT = re.compile(r"^\s*%wrapped_convert[.\d]* = f32\[([\d,]*)\]\S* fusion\(%([^)]*)\)")
+
+
+def cpu_upcast_gb(compiled) -> float:
+  """GB of float32 copies of whole bfloat16 arguments made in `compiled`'s entry computation
+  (converts of anything else are not counted, nor are copies of gathered shards): XLA:CPU has no
+  bfloat16 matmul, converts each bfloat16 weight (and, in the summary loop, the trunk cache) to
+  float32, and hoists those loop-invariant converts out of the decode loops, where they stay alive
+  for the whole loop. A GPU multiplies in bfloat16 and makes none of them."""
+  total, entry, params = 0, False, set()
+  for line in compiled.as_text().splitlines():
+    entry = entry or line.startswith("ENTRY")
+    if not entry:
+      continue
+    p = _ENTRY_PARAM.match(line)
+    if p:
+      params.add(p.group(1))
+    m = _ENTRY_CONVERT.match(line)
+    if m and m.group(2) in params:  # a whole argument, not an activation (those are transient)
+      total += 4 * math.prod(int(d) for d in m.group(1).split(",") if d)
+  return total / GB
+
+
 def _peak(compiled) -> dict:
   mem = compiled.memory_analysis()
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
           - mem.alias_size_in_bytes)
+  up = cpu_upcast_gb(compiled)
   return dict(peak_gb=peak / GB, argument_gb=mem.argument_size_in_bytes / GB,
-              temp_gb=mem.temp_size_in_bytes / GB, output_gb=mem.output_size_in_bytes / GB)
+              temp_gb=mem.temp_size_in_bytes / GB, output_gb=mem.output_size_in_bytes / GB,
+              cpu_upcast_gb=up, without_upcast_gb=peak / GB - up)
 
 
 def rollout_memory(cfg, mesh, rows: int, prompt_len: int, b_max: int, m: int, a: int, s: int,
@@ -146,6 +174,7 @@ def rollout_memory(cfg, mesh, rows: int, prompt_len: int, b_max: int, m: int, a:
   cache = state.cache.k[0]
   per_dev = cache.sharding.shard_shape(cache.shape)[0] if cache.sharding else rows
   return dict(phases=out, peak_gb=max(v["peak_gb"] for v in out.values()),
+              without_upcast_gb=max(v["without_upcast_gb"] for v in out.values()),
               params_gb=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / GB,
               rows=rows, cache_rows_per_device=per_dev, compile_s=time.time() - t0)
 
@@ -243,17 +272,21 @@ def main(argv=None):
     for name, (mesh, n) in chunks.items():
       r = rollout_memory(cfg, mesh, n, args.prompt_len, b_max, m, a, s, args.n_insert)
       details[f"rollout_{name}"] = r
-      total = r["peak_gb"] + resident.get(name, 0.0)
-      phases = ", ".join(f"{k} {v['peak_gb']:.2f}" for k, v in r["phases"].items())
-      extra_txt = (f" + {resident[name]:.2f} GB of resident training state = {total:.2f} GB"
-                   if name in resident else "")
+      res = resident.get(name, 0.0)
+      phases = ", ".join(f"{k} {v['peak_gb']:.2f} ({v['without_upcast_gb']:.2f})"
+                         for k, v in r["phases"].items())
       print(f"rollout b_max={b_max} {name:>6}: parameters {r['params_gb']:.2f} GB; {n} rows per "
-            f"sampler call "
-            f"({-(-n_rows // n)} calls for {n_rows} thinkings), {r['cache_rows_per_device']} "
-            f"rows' KV cache per device; peak {r['peak_gb']:.2f} GB per device ({phases})"
-            f"{extra_txt}; compiled in {r['compile_s']:.0f} s", flush=True)
+            f"sampler call ({-(-n_rows // n)} calls for {n_rows} thinkings), "
+            f"{r['cache_rows_per_device']} rows' KV cache per device; XLA:CPU peak per device "
+            f"{r['peak_gb']:.2f} GB, without its float32 copies of bfloat16 arguments "
+            f"{r['without_upcast_gb']:.2f} GB (per phase: {phases})"
+            + (f"; + {res:.2f} GB of resident training state = {r['peak_gb'] + res:.2f} GB "
+               f"({r['without_upcast_gb'] + res:.2f} GB)" if name in resident else "")
+            + f"; compiled in {r['compile_s']:.0f} s", flush=True)
       suffix = "" if b_max == 8000 else f"_b{b_max}"
-      out[f"paper_rollout_gb_{name}{suffix}"] = round(total, 2)
+      out[f"paper_rollout_gb_{name}{suffix}"] = round(r["peak_gb"] + res, 2)
+      out[f"paper_rollout_gb_{name}_without_cpu_upcast{suffix}"] = round(
+          r["without_upcast_gb"] + res, 2)
     out["rollout_batch_1dev"] = args.rollout_batch
   out.update(remat=cfg.remat, scan_layers=cfg.scan_layers,
              kv_gb_per_row=round(kv["kv_gb_per_row"], 4),
