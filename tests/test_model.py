@@ -1,6 +1,7 @@
 """The decoder: cached decode equals the full forward (with left padding), masks, sharding;
 the parameter table, rematerialisation and scanned layers equal the plain path."""
 
+import functools
 import hashlib
 
 import jax
@@ -247,6 +248,22 @@ def test_remat_lowers_the_compiled_memory_of_a_scanned_update():
     compiled = jax.jit(jax.grad(loss)).lower(params_lib.abstract_params(cfg), *args).compile()
     temp[remat] = compiled.memory_analysis().temp_size_in_bytes
   assert temp["full"] < temp["dots"] < temp["none"] / 2, temp
+
+
+def test_memory_benchmark_counts_the_cpu_float32_copies_of_bfloat16_weights():
+  """benchmarks.memory's cpu_upcast_gb: in a decode-like loop over bfloat16 weights, XLA:CPU
+  makes float32 copies of them in the entry computation; the helper finds exactly their bytes
+  (and none for float32 weights)."""
+  from benchmarks import memory
+
+  def loop(ws, x):
+    body = lambda i, h: jnp.tanh(functools.reduce(lambda a, w: a @ w, ws, h)).astype(h.dtype)
+    return jax.lax.fori_loop(0, 8, body, x)
+
+  for dt, want in ((jnp.bfloat16, 3 * 256 * 256 * 4), (jnp.float32, 0)):
+    ws = [jax.ShapeDtypeStruct((256, 256), dt)] * 3
+    compiled = jax.jit(loop).lower(ws, jax.ShapeDtypeStruct((8, 256), dt)).compile()
+    assert memory.cpu_upcast_gb(compiled) * 1e9 == want, dt
 
 
 def test_scanned_decoder_carries_per_layer_states(params):
