@@ -3,11 +3,13 @@ cache), the memory-bandwidth roofline, finished rows that stop costing (compacti
 shared-cache summary phase against re-prefilling every cut context.
 
   python -m benchmarks.decode [--quick] [--platform cpu] [--model smollm2-gguf] [--batch 32]
-      [--prompt_len 32] [--new_tokens 64] [--dtype float32] [--out decode.json]
+      [--prompt_len 32] [--new_tokens 64] [--dtype float32] [--rounds 3] [--out decode.json]
 
 Prints tables; the last line is one JSON object with decode_speedup_vs_hf (eager and static),
 roofline_fraction, compaction_speedup, summary_speedup_vs_reprefill and summary_peak_mem_ratio
-(all measured in this run). Roofline: per decode step the parameters and the KV cache at the
+(all measured in this run). The three engines are timed in turn, `--rounds` times (3), and each
+one's best time counts, so that a machine that changes speed during the run does not move their
+ratio. Roofline: per decode step the parameters and the KV cache at the
 mean filled length are read once; their bytes over the step time, divided by the memory
 bandwidth measured here (a jitted reduction over a 512 MB array; on accelerators the same).
 
@@ -44,6 +46,8 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and co
 flags.DEFINE_bool("hf", True, "measure transformers generate in the same run")
 flags.DEFINE_bool("summary", True, "measure the summary phase against re-prefill")
 flags.DEFINE_integer("compact_every", 16, "decode steps between compactions")
+flags.DEFINE_integer("rounds", 3, "decode throughput: rounds of timing every engine in turn (the "
+                     "best time of each counts)")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -124,7 +128,22 @@ def step_bytes(cfg, params, batch: int, filled: float) -> float:
 # 1. Decode throughput against transformers.
 
 
-def decode_throughput(batch: int, new_tokens: int, prompt_len: int, repeats: int, params, cfg,
+def _best_in_turn(fns: dict, rounds: int) -> dict[str, float]:
+  """Best wall time of each fn() over `rounds` rounds that call every fn in turn (after one
+  warm-up call each): a machine that speeds up or slows down during the measurement then moves
+  every engine alike, not the ratio between them."""
+  for fn in fns.values():
+    fn()
+  best = {name: float("inf") for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      fn()
+      best[name] = min(best[name], time.perf_counter() - t)
+  return best
+
+
+def decode_throughput(batch: int, new_tokens: int, prompt_len: int, rounds: int, params, cfg,
                       hf_model, bandwidth: float, peak_flops: float) -> dict[str, float]:
   prompts = _prompts(batch, prompt_len, cfg.vocab_size)
 
@@ -132,7 +151,20 @@ def decode_throughput(batch: int, new_tokens: int, prompt_len: int, repeats: int
     out = smp.sample(params, cfg, prompts, new_tokens, smp.Greedy(), pad_id=0)
     out.tokens.block_until_ready()
 
-  t_ours = _best(ours, repeats)
+  engines = {"ours": ours}
+  if hf_model is not None:
+    import torch
+
+    ids = torch.tensor(prompts)
+    attn = torch.ones_like(ids)
+    for name, extra in [("hf", {}), ("hf_static", {"cache_implementation": "static"})]:
+      def theirs(extra=extra):
+        with torch.no_grad():
+          hf_model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
+      engines[name] = theirs
+  times = _best_in_turn(engines, rounds)
+  t_ours = times["ours"]
   tokens = batch * new_tokens
   # Mean filled length over the steps: the prompt plus half the new tokens.
   per_step = step_bytes(cfg, params, batch, prompt_len + new_tokens / 2)
@@ -146,17 +178,9 @@ def decode_throughput(batch: int, new_tokens: int, prompt_len: int, repeats: int
        "step_gflop": flops / 1e9, "step_mb": per_step / 2 ** 20,
        "memory_roofline_cap": t_mem / max(t_mem, t_flop),
        "matmul_floor_s": floor, "floor_fraction": floor * new_tokens / t_ours}
-  if hf_model is not None:
-    import torch
-
-    ids = torch.tensor(prompts)
-    attn = torch.ones_like(ids)
-    for name, extra in [("hf", {}), ("hf_static", {"cache_implementation": "static"})]:
-      def theirs():
-        with torch.no_grad():
-          hf_model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new_tokens,
-                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
-      t = _best(theirs, repeats)
+  for name in ("hf", "hf_static"):
+    if name in times:
+      t = times[name]
       r[f"{name}_tok_s"], r[f"{name}_s"] = tokens / t, t
       r[f"{name}_roofline"] = per_step * new_tokens / t / bandwidth
       r[f"{name}_compute_fraction"] = flops * new_tokens / t / peak_flops
@@ -310,8 +334,8 @@ def main(argv):
                                 "load_average": load,
                                 "model": FLAGS.model, "dtype": FLAGS.dtype,
                                 "platform": FLAGS.platform}
-  r = decode_throughput(FLAGS.batch, new_tokens, FLAGS.prompt_len, repeats, params, cfg, hf, bw,
-                        peak)
+  r = decode_throughput(FLAGS.batch, new_tokens, FLAGS.prompt_len, FLAGS.rounds, params, cfg, hf,
+                        bw, peak)
   results["decode"] = [r]
   print(f"\ndecode throughput, {FLAGS.model} {FLAGS.dtype}, greedy, batch {FLAGS.batch}, "
         f"prompt {FLAGS.prompt_len}, {new_tokens} new tokens")
