@@ -389,7 +389,7 @@ def _chunked(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig, toks:
   r = prompt.shape[0]
   c = len(spec.budgets) * spec.n_summaries
   mesh = sampling.mesh_of(prompt)
-  mine = rows_lib.local_slice(prompt) if mesh is not None else slice(0, r)
+  mine = rows_lib.local_slice(prompt)  # all rows with one process
   lo, held = mine.start, mine.stop - mine.start
   blocks = r // held
   if n % blocks:
@@ -402,8 +402,7 @@ def _chunked(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig, toks:
                      f"batch's; use a multiple of the mesh's data x fsdp size")
   ids = lo + np.arange(-(-held // k) * k)  # global row ids; padding past the block repeats
   ids_row = np.minimum(ids, lo + held - 1) - lo  # its last row (dropped again at the end)
-  local = lambda x: (rows_lib.local_rows(x) if mesh is not None else np.asarray(x))[ids_row]
-  prompt, valid = local(prompt), local(valid)
+  prompt, valid = (rows_lib.local_rows(x)[ids_row] for x in (prompt, valid))
   think_keys = np.asarray(sampling.row_keys(rng_think, ids))
   sum_keys = np.asarray(jax.vmap(lambda key: sampling.row_keys(key, np.arange(c)))(
       sampling.row_keys(rng_sum, ids)))  # [rows, C, 2]

@@ -290,11 +290,12 @@ def _decode_compacting(params, cfg, state: SampleState, stops, *, chunk: int, mi
   write_last = kw["write_last"]
   batch = state.lengths.shape[0]
   full, cur, idx = None, state, np.arange(batch)
+  written = int(rows_lib.fetch(cur.written))
   while True:
-    written = int(rows_lib.fetch(cur.written))
     cur = decode_jit(params, cfg, cur, stops, np.int32(written + chunk), **kw)
-    pending = rows_lib.fetch(cur.pending(write_last))
-    if not pending.any() or int(rows_lib.fetch(cur.written)) >= cur.tokens.shape[1]:
+    written, pending = rows_lib.fetch((cur.written, cur.pending(write_last)))
+    written = int(written)
+    if not pending.any() or written >= cur.tokens.shape[1]:
       break
     size = bucket_rows(int(pending.sum()), batch, min_bucket)
     if size >= len(idx):
