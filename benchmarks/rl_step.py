@@ -1,18 +1,28 @@
 """Time per RL step and its phases, GRPO against AR-uniform at equal b_max (the tiny task).
 
   python -m benchmarks.rl_step [--quick] [--steps N] [--out rl_step.json] [--platform=cpu|gpu|..]
-      [any experiment flag, e.g. --b_max=192 --summary_len=24 --remat=full --scan_layers]
+      [--think_to_budget] [any experiment flag, e.g. --b_max=192 --summary_len=24 --remat=full]
+
+A paper-like thinking-to-summary ratio (8,000-token thinkings against summaries of 128 tokens):
+  python -m benchmarks.rl_step --think_to_budget --b_max=1024 --summary_len=16
 
 Both runs start from the same warm-started tiny model (trained into --warmstart_dir if absent)
 and use the tiny default's batch sizes; the first step (compilation) is not timed. Flags this
 script does not know are experiment flags (brpo/run/config.py), applied to the base model and to
 both runs after their flagfiles (model and shape: --model, --init, --b_max, --summary_len, ...). The paper
 reports under 10% overhead for AR against GRPO. The last line is one JSON object.
+
+The warm-started tiny model ends its thinking after 25-40 tokens whatever b_max, so AR's 16
+summaries per thinking dominate its step. `--think_to_budget` takes the `</think>` and
+end-of-sequence stops out of the thinking (never out of the summaries): every thinking then runs
+to b_max, as long reasoning does at the paper's budgets, and the step's cost has the paper's shape.
+The rewards of such a run mean nothing; only its timings are read.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -36,11 +46,24 @@ PHASES = ("seconds/thinking", "seconds/summaries", "seconds/grading", "seconds/u
           "seconds/step")
 
 
-def time_run(flagfile: str, steps: int, extra: list[str], model) -> dict[str, float]:
+@dataclasses.dataclass(frozen=True)
+class ThinkToBudget(at.AnytimeTokens):
+  """Anytime tokens whose thinking stops never match (sampled ids are >= 0): every thinking runs
+  to b_max and ends by budget. The summaries still stop at end of sequence."""
+
+  @property
+  def thinking_stops(self) -> list[tuple[int, ...]]:
+    return [(-2,), (-2,)]  # a `</think>` form and an end of sequence, neither reachable
+
+
+def time_run(flagfile: str, steps: int, extra: list[str], model,
+             think_to_budget: bool = False) -> dict[str, float]:
   ec = gsm_math.config_from_args([f"--flagfile={flagfile}", *extra])
   cfg, params, tokenizer = model
   rl = ec.rl
   toks = at.AnytimeTokens.from_tokenizer(tokenizer)
+  if think_to_budget:
+    toks = ThinkToBudget(**dataclasses.asdict(toks))
   examples = data_lib.load_dataset(ec.data.train)
   prompts, refs, _ = runner.encode_prompts(examples, tokenizer, ec.model.template,
                                            ec.model.max_prompt_len, "skip", ec.data.train)
@@ -75,6 +98,9 @@ def main():
   ap.add_argument("--steps", type=int, default=0, help="timed steps per run (default 4; quick 2)")
   ap.add_argument("--warmstart_dir", default="workdir/warmstart_tiny")
   ap.add_argument("--out", default="")
+  ap.add_argument("--think_to_budget", action="store_true",
+                  help="thinkings never stop before b_max (a paper-like thinking-to-summary "
+                  "ratio; timings only)")
   ap.add_argument("--platform", default="cpu", help="cpu, gpu, tpu or auto (read before jax "
                   "is imported)")
   args, flags = ap.parse_known_args()
@@ -85,9 +111,12 @@ def main():
   model = runner.load_model(base)
   print(f"model ready in {time.time() - t:.0f} s ({model[0].n_params:,} parameters)")
   extra = [f"--warmstart_dir={args.warmstart_dir}", *flags]
-  res = {name: time_run(f"experiments/configs/{name}.flags", steps, extra, model)
+  res = {name: time_run(f"experiments/configs/{name}.flags", steps, extra, model,
+                        args.think_to_budget)
          for name in ("grpo", "ar_uniform")}
-  print(f"\nRL step on the tiny task, {steps} timed steps each, b_max={base.rl.b_max}")
+  print(f"\nRL step on the tiny task, {steps} timed steps each, b_max={base.rl.b_max}, "
+        f"summary_len={base.rl.summary_len}"
+        + (", thinkings run to b_max" if args.think_to_budget else ""))
   print(f"{'run':>10} " + " ".join(f"{p.split('/')[1]:>10}" for p in PHASES)
         + f" {'think_len':>9} {'gen tok':>8}")
   for name, r in res.items():
@@ -95,7 +124,9 @@ def main():
           + f" {r['thinking_len']:9.1f} {r['generated_tokens']:8.0f}")
   out = {"ar_over_grpo_step_time": res["ar_uniform"]["seconds/step"]
          / res["grpo"]["seconds/step"],
-         "grpo_step_s": res["grpo"]["seconds/step"], "ar_step_s": res["ar_uniform"]["seconds/step"]}
+         "grpo_step_s": res["grpo"]["seconds/step"], "ar_step_s": res["ar_uniform"]["seconds/step"],
+         "b_max": base.rl.b_max, "summary_len": base.rl.summary_len,
+         "think_to_budget": args.think_to_budget}
   if args.out:
     with open(args.out, "w") as f:
       json.dump({**out, "runs": res}, f, indent=1)

@@ -240,3 +240,23 @@ def test_chunked_logprobs_equal_whole_row(setup):
     np.testing.assert_allclose(gh, gh0, rtol=1e-4, atol=1e-6)
     for x, y in zip(jax.tree.leaves(gp), jax.tree.leaves(gp0)):
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_think_to_budget_runs_every_thinking_to_b_max(setup):
+  """benchmarks.rl_step --think_to_budget: with the thinking stops taken out, the same model and
+  key give the same thinkings up to where each stopped, and then go on to b_max (every cut
+  running); the summaries still stop at end of sequence."""
+  import dataclasses
+  from benchmarks.rl_step import ThinkToBudget
+  sharp, ro = setup[0], setup[2]
+  b_max = max(SPEC.budgets)
+  own = np.asarray(ro.thinking_len)
+  assert (own < b_max).any(), "fixture: some thinkings should stop on their own"
+  forced = at.anytime_rollout(sharp, CFG, PROMPTS, SPEC, ThinkToBudget(**dataclasses.asdict(TOKS)),
+                              jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(forced.thinking_len, b_max)
+  assert (np.asarray(forced.thinking_end) == at.END_BUDGET).all()
+  assert not np.asarray(forced.cuts.ended).any()
+  for row, n in enumerate(own):
+    np.testing.assert_array_equal(forced.thinking[row, :n], ro.thinking[row, :n])
+  assert (np.asarray(forced.summary_len) < SPEC.summary_len).any(), "no summary ended by eos"
