@@ -7,10 +7,11 @@ A paper-like thinking-to-summary ratio (8,000-token thinkings against summaries 
   python -m benchmarks.rl_step --think_to_budget --b_max=1024 --summary_len=16
 
 Both runs start from the same warm-started tiny model (trained into --warmstart_dir if absent)
-and use the tiny default's batch sizes; the first step (compilation) is not timed. Flags this
-script does not know are experiment flags (brpo/run/config.py), applied to the base model and to
-both runs after their flagfiles (model and shape: --model, --init, --b_max, --summary_len, ...). The paper
-reports under 10% overhead for AR against GRPO. The last line is one JSON object.
+and use the tiny default's batch sizes; their steps alternate, and the first step of each
+(compilation) is not timed. Flags this script does not know are experiment flags
+(brpo/run/config.py), applied to the base model and to both runs after their flagfiles (model
+and shape: --model, --init, --b_max, --summary_len, ...). The paper reports under 10% overhead
+for AR against GRPO. The last line is one JSON object.
 
 The warm-started tiny model ends its thinking after 25-40 tokens whatever b_max, so AR's 16
 summaries per thinking dominate its step. `--think_to_budget` takes the `</think>` and
@@ -56,36 +57,40 @@ class ThinkToBudget(at.AnytimeTokens):
     return [(-2,), (-2,)]  # a `</think>` form and an end of sequence, neither reachable
 
 
-def time_run(flagfile: str, steps: int, extra: list[str], model,
-             think_to_budget: bool = False) -> dict[str, float]:
-  ec = gsm_math.config_from_args([f"--flagfile={flagfile}", *extra])
-  cfg, params, tokenizer = model
-  rl = ec.rl
-  toks = at.AnytimeTokens.from_tokenizer(tokenizer)
-  if think_to_budget:
-    toks = ThinkToBudget(**dataclasses.asdict(toks))
-  examples = data_lib.load_dataset(ec.data.train)
-  prompts, refs, _ = runner.encode_prompts(examples, tokenizer, ec.model.template,
-                                           ec.model.max_prompt_len, "skip", ec.data.train)
-  n_ins = max(len(toks.insert_running), len(toks.insert_ended))
-  spec = rl.budget_spec
-  response_len = spec.b_max + spec.m * rl.n_summaries * (n_ins + rl.summary_len)
-  upd = rl.prompts_per_batch // rl.mini_batch_prompts
-  opt = train_lib.make_optimizer(ec.optim, steps * upd, cfg)
-  state = train_lib.init_train_state(jax.tree.map(np.copy, params), opt, 0)
-  step = train_lib.make_train_step(cfg, opt, rl, response_len)
-  it = data_lib.DataIterator(list(range(len(prompts))), rl.prompts_per_batch, 0)
-  with Grader(num_workers=1) as grader:
-    ctx = rl_lib.RLContext(cfg=cfg, tokenizer=tokenizer, toks=toks, rl=rl, grader=grader,
-                           train_step=step, lr_fn=lambda s: ec.optim.lr,
-                           prompt_length=runner._prompt_length(prompts))
-    rows = []
-    for i in range(steps + 1):
-      batch = next(it)
-      state, m = rl_lib.rl_step(state, [prompts[k] for k in batch], [refs[k] for k in batch],
-                                ctx)
-      if i:
-        rows.append(m)
+class Run:
+  """One flagfile's RL loop on the shared model; `step()` runs one RL step, returns its metrics."""
+
+  def __init__(self, flagfile: str, steps: int, extra: list[str], model, grader,
+               think_to_budget: bool = False):
+    ec = gsm_math.config_from_args([f"--flagfile={flagfile}", *extra])
+    cfg, params, tokenizer = model
+    rl = ec.rl
+    toks = at.AnytimeTokens.from_tokenizer(tokenizer)
+    if think_to_budget:
+      toks = ThinkToBudget(**dataclasses.asdict(toks))
+    examples = data_lib.load_dataset(ec.data.train)
+    self.prompts, self.refs, _ = runner.encode_prompts(
+        examples, tokenizer, ec.model.template, ec.model.max_prompt_len, "skip", ec.data.train)
+    n_ins = max(len(toks.insert_running), len(toks.insert_ended))
+    spec = rl.budget_spec
+    response_len = spec.b_max + spec.m * rl.n_summaries * (n_ins + rl.summary_len)
+    upd = rl.prompts_per_batch // rl.mini_batch_prompts
+    opt = train_lib.make_optimizer(ec.optim, steps * upd, cfg)
+    self.state = train_lib.init_train_state(jax.tree.map(np.copy, params), opt, 0)
+    step = train_lib.make_train_step(cfg, opt, rl, response_len)
+    self.it = data_lib.DataIterator(list(range(len(self.prompts))), rl.prompts_per_batch, 0)
+    self.ctx = rl_lib.RLContext(cfg=cfg, tokenizer=tokenizer, toks=toks, rl=rl, grader=grader,
+                                train_step=step, lr_fn=lambda s: ec.optim.lr,
+                                prompt_length=runner._prompt_length(self.prompts))
+
+  def step(self) -> dict[str, float]:
+    batch = next(self.it)
+    self.state, m = rl_lib.rl_step(self.state, [self.prompts[k] for k in batch],
+                                   [self.refs[k] for k in batch], self.ctx)
+    return m
+
+
+def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
   out = {k: float(np.mean([r[k] for r in rows])) for k in PHASES}
   out["thinking_len"] = float(np.mean([r["thinking_len"] for r in rows]))
   out["generated_tokens"] = float(np.mean([r["generated_tokens"] for r in rows]))
@@ -111,9 +116,22 @@ def main():
   model = runner.load_model(base)
   print(f"model ready in {time.time() - t:.0f} s ({model[0].n_params:,} parameters)")
   extra = [f"--warmstart_dir={args.warmstart_dir}", *flags]
-  res = {name: time_run(f"experiments/configs/{name}.flags", steps, extra, model,
-                        args.think_to_budget)
-         for name in ("grpo", "ar_uniform")}
+  # The two runs' steps alternate (GRPO first on even steps, AR first on odd ones), so that both
+  # see the same machine: on a shared 2-core machine whole runs timed one after the other moved
+  # the ratio from 1.0 to 1.4 between invocations.
+  names = ("grpo", "ar_uniform")
+  rows = {name: [] for name in names}
+  with Grader(num_workers=1) as grader:
+    runs = {name: Run(f"experiments/configs/{name}.flags", steps, extra, model, grader,
+                      args.think_to_budget) for name in names}
+    for i in range(steps + 1):
+      for name in (names if i % 2 == 0 else names[::-1]):
+        m = runs[name].step()
+        if i:  # the first step compiles
+          rows[name].append(m)
+  res = {name: summarize(rows[name]) for name in names}
+  paired = [a["seconds/step"] / g["seconds/step"]
+            for g, a in zip(rows["grpo"], rows["ar_uniform"])]
   print(f"\nRL step on the tiny task, {steps} timed steps each, b_max={base.rl.b_max}, "
         f"summary_len={base.rl.summary_len}"
         + (", thinkings run to b_max" if args.think_to_budget else ""))
@@ -122,8 +140,9 @@ def main():
   for name, r in res.items():
     print(f"{name:>10} " + " ".join(f"{r[p]:10.2f}" for p in PHASES)
           + f" {r['thinking_len']:9.1f} {r['generated_tokens']:8.0f}")
+  print("AR over GRPO per step pair: " + ", ".join(f"{r:.2f}" for r in paired))
   out = {"ar_over_grpo_step_time": res["ar_uniform"]["seconds/step"]
-         / res["grpo"]["seconds/step"],
+         / res["grpo"]["seconds/step"], "paired_ratios": paired,
          "grpo_step_s": res["grpo"]["seconds/step"], "ar_step_s": res["ar_uniform"]["seconds/step"],
          "b_max": base.rl.b_max, "summary_len": base.rl.summary_len,
          "think_to_budget": args.think_to_budget}

@@ -14,7 +14,7 @@ REMAT_MODES = ("none", "full", "dots")
 ATTENTION_BLOCKS = (16, 32, 64, 128)
 # ModelConfig fields that change how the model runs, not what it computes (set per run from the
 # flags of the same names; a saved model serves any value of them).
-RUNTIME_FIELDS = ("remat", "scan_layers", "attention_block")
+RUNTIME_FIELDS = ("remat", "scan_layers", "attention_block", "decode_block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,14 @@ class ModelConfig:
   # 128. 128 suits long rows on accelerators; short rows on CPU run faster with smaller blocks,
   # which skip more of the tree mask (tiny task, 512-slot rows: 32 is 1.44x faster than 128, `benchmarks/packing.py --blocks`).
   attention_block: int = 128
+  # Key block of the decode attention over the KV cache (models.attention.decode_attention):
+  # blocks are read up to the filled length, so a smaller block reads fewer empty slots and a
+  # larger one makes fewer, bigger reads. Any size (values unchanged up to rounding); the
+  # sampler and the anytime rollout use it unless called with their own `block`. On 2 CPU
+  # cores (`python -m benchmarks.attention_layouts`) sizes 64-512 differ by less than the
+  # run-to-run noise on full caches; a 300-slot fill of 512 slots ran 2.4x faster in blocks
+  # of 64 (320 slots read) than of 256 (512 read).
+  decode_block: int = 256
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -66,6 +74,8 @@ class ModelConfig:
       raise ValueError(f"attention_block={self.attention_block}: expected one of "
                        f"{', '.join(map(str, ATTENTION_BLOCKS))} (a divisor of the packed rows' "
                        "padding, 128)")
+    if self.decode_block < 1:
+      raise ValueError(f"decode_block={self.decode_block}: must be >= 1")
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)

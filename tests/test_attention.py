@@ -324,3 +324,24 @@ def test_blockwise_fwd_bwd_memory_is_linear_at_4096():
   scores = b * h * t * t * 4
   assert dense >= scores
   assert fast < scores / 20, (fast, dense)
+
+
+@pytest.mark.parametrize("row_major", [False, True])
+def test_attention_layouts_benchmark_computes_the_same_attention(row_major):
+  """benchmarks.attention_layouts times blocked cache layouts against decode_attention; its
+  blocked kernel must be the same attention (partly filled cache, several blocks)."""
+  from benchmarks import attention_layouts as al
+  rng = np.random.default_rng(3)
+  b, s, kh, h, dh, bs, filled = 3, 64, 2, 4, 8, 16, 37
+  q = jnp.asarray(rng.standard_normal((b, 1, h, dh)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((b, s, kh, dh)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((b, s, kh, dh)), jnp.float32)
+  want = attn.decode_attention(q, k, v, 0, filled, block=32)
+  got = al.blocked_attention(q, al.to_blocks(k, bs, row_major), al.to_blocks(v, bs, row_major),
+                             filled, row_major=row_major)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # Slots past `filled` are not read: changing them changes nothing.
+  k2 = k.at[:, filled:].set(100.0)
+  got2 = al.blocked_attention(q, al.to_blocks(k2, bs, row_major), al.to_blocks(v, bs, row_major),
+                              filled, row_major=row_major)
+  np.testing.assert_allclose(got2, want, rtol=1e-5, atol=1e-6)

@@ -238,6 +238,31 @@ def test_filled_branches_equal_dense(params):
   np.testing.assert_allclose(new.thinking_logp, old.thinking_logp, atol=1e-5)
 
 
+def test_decode_block_comes_from_the_model_config(params, monkeypatch):
+  """--decode_block (ModelConfig.decode_block) is the key block of the thinking's and the
+  branches' decode attention when no `block` is passed: same rollout as block=8 passed."""
+  from models import attention as attn
+  spec = at.AnytimeConfig(budgets=(3, 6, 9), group_size=2, n_summaries=2, summary_len=5)
+  kw = dict(think_strategy=smp.Temperature(1.0), summary_strategy=smp.Temperature(0.6))
+  seen = []
+  real = attn.decode_attention
+
+  def recording(*a, block, **k):
+    seen.append(block)
+    return real(*a, block=block, **k)
+
+  monkeypatch.setattr(attn, "decode_attention", recording)
+  cfg8 = CFG.replace(decode_block=8)
+  got = at.anytime_rollout(params, cfg8, PROMPTS, spec, TOKS, jax.random.PRNGKey(5), **kw)
+  assert seen and set(seen) == {8}, seen  # traced for this config: thinking and branches
+  want = at.anytime_rollout(params, CFG, PROMPTS, spec, TOKS, jax.random.PRNGKey(5), block=8,
+                            **kw)
+  for f in ("thinking", "thinking_logp", "summary", "summary_logp", "summary_len"):
+    np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
+  with pytest.raises(ValueError, match="decode_block=0: must be >= 1"):
+    CFG.replace(decode_block=0)
+
+
 def test_top_p_preselection_equals_sort():
   rng = np.random.default_rng(0)
   # Peaked rows (nucleus of a few tokens) and one flat row whose nucleus is not in the top 64.

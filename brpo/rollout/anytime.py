@@ -235,8 +235,8 @@ class BranchState:
                                              "eos_id", "pad_id", "dense", "block", "mesh"))
 def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_prompt, cut_len,
                     insert, insert_len, active, rng, *, prompt_len: int, summary_len: int,
-                    strategy, eos_id: int, pad_id: int, dense: bool = False, block: int = 256,
-                    mesh=None):
+                    strategy, eos_id: int, pad_id: int, dense: bool = False,
+                    block: int | None = None, mesh=None):
   """Decodes C branches per row, each reading its parent's trunk cache up to its own cut.
 
   Args:
@@ -247,7 +247,8 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
     active: [R, C] bool; inactive branches generate nothing (shared cuts are decoded once).
     rng: one key, or per-branch keys [R, C, 2] (step k draws with fold_in(key, k)).
     dense: read every trunk slot under a mask (the reference) instead of only the blocks below
-      the longest cut (`branch_attention_filled`).
+      the longest cut (`branch_attention_filled`). block: the trunk's key block (None:
+      cfg.decode_block).
     mesh: the branch caches are sharded like the trunk (rows over the batch axes, kv heads over
       tensor: `sampling.CACHE_AXES`), the activations constrained to it.
   Returns:
@@ -256,6 +257,7 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
   """
   r, c, n_ins = insert.shape
   w = n_ins + summary_len
+  trunk_block = cfg.decode_block if block is None else block
   # The trunk is [prompt (P slots, left-padded) | thinking]; a branch sees [start, P + cut).
   slots = jnp.arange(trunk.length)
   trunk_end = prompt_len + cut_len
@@ -288,7 +290,7 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
         o, bk, bv = branch_attention(q, kn, vn, tk, tv, trunk_mask, bk, bv, k)
       else:
         o, bk, bv = branch_attention_filled(q, kn, vn, tk, tv, start, trunk_end, bk, bv, k,
-                                            block=block)
+                                            block=trunk_block)
       return o, (tk, tv, bk, bv)
 
     layers = list(zip(trunk.k, trunk.v, s.k, s.v))
@@ -341,7 +343,7 @@ def rollout_rows(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
                  summary_strategy=sampling.Temperature(1.0),
                  timings: dict[str, float] | None = None, rollout_batch: int = 0,
                  compact_every: int = 0, compact_min_rows: int = 8, dense: bool = False,
-                 block: int = 256) -> AnytimeRollout:
+                 block: int | None = None) -> AnytimeRollout:
   """Samples one thinking per row (up to b_m tokens) and A summaries per budget.
 
   prompt, valid: [R, P] left-padded prompt rows (R = N * G: the G rows of a prompt adjacent),
@@ -361,7 +363,7 @@ def rollout_rows(params, cfg: ModelConfig, prompt, valid, spec: AnytimeConfig,
     into a smaller batch bucket of at least compact_min_rows rows between chunks
     (`sampling.sample_padded`'s min_bucket); uses per-row keys like rollout_batch > 0 (0 = off).
   dense, block: attention over whole caches (the reference) / the block size of the filled-only
-    attention.
+    attention (None: cfg.decode_block).
   """
   if rollout_batch < 0 or compact_every < 0:
     raise ValueError(f"rollout_batch={rollout_batch} and compact_every={compact_every} must be "

@@ -195,13 +195,13 @@ def _write(buf, new, index):
 
 
 def decode_step(params, cfg: ModelConfig, tok, pos, cache: dec.KVCache, index, start, *,
-                dense: bool = False, block: int = 256, mesh=None):
+                dense: bool = False, block: int | None = None, mesh=None):
   """One token per row: writes its keys/values at cache slot `index` and attends over slots
   [start, index] only. tok, pos [B, 1]; start [B] -> (logits [B, V], cache).
 
   The filled-only attention (`models.attention.decode_attention`) reads the cache blocks up to
   the current length, not all S slots; `dense=True` is the whole-cache masked attention it
-  replaces (kept as the reference for tests)."""
+  replaces (kept as the reference for tests). block: its key block (None: cfg.decode_block)."""
   if dense:
     slots = jnp.arange(cache.length)
     kv_mask = ((slots[None] >= start[:, None]) & (slots[None] <= index))[:, None, :]
@@ -210,7 +210,8 @@ def decode_step(params, cfg: ModelConfig, tok, pos, cache: dec.KVCache, index, s
 
   def attend(q, k, v, kv):
     ck, cv = _write(kv[0], k, index), _write(kv[1], v, index)
-    return attn.decode_attention(q, ck, cv, start, index + 1, block=block), (ck, cv)
+    return attn.decode_attention(q, ck, cv, start, index + 1,
+                                 block=cfg.decode_block if block is None else block), (ck, cv)
 
   h, states = dec.decoder(params, cfg, tok, pos, attend, list(zip(cache.k, cache.v)), mesh=mesh)
   new = dec.KVCache(k=tuple(s[0] for s in states), v=tuple(s[1] for s in states))
@@ -221,7 +222,7 @@ def decode_step(params, cfg: ModelConfig, tok, pos, cache: dec.KVCache, index, s
                                              "block", "mesh"),
                    donate_argnames=("state",))
 def decode_jit(params, cfg: ModelConfig, state: SampleState, stops, until=None, *, strategy,
-               pad_id: int, write_last: bool, dense: bool = False, block: int = 256,
+               pad_id: int, write_last: bool, dense: bool = False, block: int | None = None,
                mesh=None) -> SampleState:
   """Decodes until every row has stopped or produced its tokens (or `written` reaches `until`,
   a traced step count: the loop can be run in chunks of steps).
@@ -335,7 +336,7 @@ def sample_padded(params, cfg: ModelConfig, tokens, valid, max_new_tokens: int,
                   strategy=Greedy(), stop_sequences: Sequence[Sequence[int]] = (), rng=None, *,
                   pad_id: int = 0, write_last: bool = False, return_state: bool = False,
                   limit=None, compact_every: int = 0, min_bucket: int = 8, dense: bool = False,
-                  block: int = 256, mesh=None):
+                  block: int | None = None, mesh=None):
   """`sample` from left-padded prompts: tokens, valid [B, P] (numpy, or global arrays whose rows
   are split over devices and processes: the outputs then keep the rows where they are).
 
@@ -346,6 +347,7 @@ def sample_padded(params, cfg: ModelConfig, tokens, valid, max_new_tokens: int,
     so that the rows stay split over the devices), so finished rows stop costing. Needs per-row
     keys or greedy decoding (a batch key's draw depends on the batch shape).
   dense: attend over the whole cache (the pre-#13 path) instead of the filled blocks.
+  block: the key block of the filled-only attention (None: cfg.decode_block).
   mesh: shard the KV cache and the activations over this mesh (default: the mesh `tokens` is
     laid out on, if any; see CACHE_AXES).
   """

@@ -82,6 +82,9 @@ class ModelSpec:
                                  "in the update (values unchanged up to rounding): 128 for long "
                                  "rows on accelerators; smaller blocks skip more of the tree "
                                  "mask, faster for short rows on CPU. One of 16, 32, 64, 128.")
+  decode_block: int = setting(256, "Key block of the rollout's decode attention: the KV cache "
+                              "is read in blocks up to the filled length (values unchanged up "
+                              "to rounding; python -m benchmarks.attention_layouts times sizes).")
   template: str = setting("plain", "Prompt template.", choices=tok_lib.TEMPLATES)
   max_prompt_len: int = setting(256, "Longest prompt in tokens.")
   long_prompts: str = setting("skip", "What to do with a prompt longer than --max_prompt_len: "
@@ -99,6 +102,8 @@ class ModelSpec:
     if self.attention_block not in model_configs.ATTENTION_BLOCKS:
       raise ValueError(f"--attention_block={self.attention_block}: expected one of "
                        f"{', '.join(map(str, model_configs.ATTENTION_BLOCKS))}")
+    if self.decode_block < 1:
+      raise ValueError(f"--decode_block={self.decode_block}: must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
