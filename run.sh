@@ -37,8 +37,9 @@ install() {  # install $1 (a requirements file) once per content hash
   fi
 }
 
-# XLA:CPU compiles for the host's instruction set; capping it at AVX2 keeps AVX-512 machines on
-# the same float rounding as AVX2 ones (the README's figures come from an AVX2 machine).
+# XLA:CPU compiles for the host's instruction set; the cap keeps XLA's own kernels at AVX2 (the
+# README's figures come from an AVX2 machine). The YNNPACK dot fusions appear not to follow it: an
+# AVX-512 machine still ends elsewhere (README, "How far these numbers move").
 export XLA_FLAGS="--xla_cpu_max_isa=AVX2 ${XLA_FLAGS:-}"
 
 target=${1:-default}
