@@ -5,8 +5,9 @@ two blocked layouts (a measurement for the next layout change, not a code path o
       [--slots=1024] [--filled=0] [--blocks=64,128,256] [--platform=cpu|gpu|..]
 
 Baseline: `models.attention.decode_attention` on the sampler's [B, S, K, Dh] cache (blocks of
-256 slots, its default, read up to the filled length; also timed at each --blocks size). Its score and value einsums batch over (row, kv head),
-so every block read is first transposed to [B, K, bs, Dh]. The alternatives store the cache
+256 slots, its default, read up to the filled length; also timed at each --blocks size). Its
+score and value einsums batch over (row, kv head), so every block read is first transposed to
+[B, K, bs, Dh]. The alternatives store the cache
 already in blocks, [nb, B, K, bs, Dh] ("block-major") or [B, nb, K, bs, Dh] ("row-major"), and
 run the same filled-only online softmax over whole blocks, without the transpose. Every
 alternative's output is checked against the baseline before it is timed. Times are the best of
@@ -19,9 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
-from benchmarks.platform import set_platform
+from benchmarks.platform import best_time, set_platform
 
 set_platform()
 
@@ -32,7 +32,6 @@ import numpy as np  # noqa: E402
 from models import attention as attn  # noqa: E402
 from models import config as config_lib  # noqa: E402
 from models.decoder import NEG_INF  # noqa: E402
-
 
 
 def blocked_attention(q, kb, vb, filled, *, row_major: bool):
@@ -73,13 +72,7 @@ def to_blocks(cache, bs: int, row_major: bool):
 
 
 def best_ms(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - t)
-  return best * 1e3
+  return best_time(lambda: jax.block_until_ready(fn()), repeats) * 1e3
 
 
 def main():

@@ -33,6 +33,8 @@ import time
 
 from absl import app, flags
 
+from benchmarks.platform import best_time
+
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "smaller sizes, a few minutes on 2 CPU cores")
 flags.DEFINE_string("out", "", "also write the results here as JSON")
@@ -60,22 +62,11 @@ from models import decoder as dec  # noqa: E402
 from models import masks  # noqa: E402
 
 
-def _best(fn, repeats: int) -> float:
-  """Best wall time of `repeats` calls of fn() (after one warm-up call that compiles)."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return min(times)
-
-
 def memory_bandwidth(mb: int = 512) -> float:
   """Bytes/s of a jitted reduction that reads `mb` MB once (the roofline's denominator)."""
   x = jnp.ones((mb * 2 ** 20 // 4,), jnp.float32)
   f = jax.jit(jnp.sum)
-  t = _best(lambda: f(x).block_until_ready(), 5)
+  t = best_time(lambda: f(x).block_until_ready(), 5)
   return x.nbytes / t
 
 
@@ -83,7 +74,7 @@ def matmul_peak(dtype: str = "float32", n: int = 2048) -> float:
   """FLOP/s of a jitted n x n x n matmul (the compute roofline's denominator)."""
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x: x @ x)
-  t = _best(lambda: f(a).block_until_ready(), 5)
+  t = best_time(lambda: f(a).block_until_ready(), 5)
   return 2 * n ** 3 / t
 
 
@@ -109,7 +100,7 @@ def matmul_floor(params, cfg, batch: int) -> float:
 
   g = jax.jit(f)
   x = jnp.ones((batch, cfg.d_model), dt) * 1e-3
-  return _best(lambda: g(params, x).block_until_ready(), 5)
+  return best_time(lambda: g(params, x).block_until_ready(), 5)
 
 
 def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -206,7 +197,7 @@ def compaction(params, cfg, batch: int, prompt_len: int, new_tokens: int, every:
       out = smp.sample(params, cfg, prompts, new_tokens, smp.Greedy(), pad_id=0, limit=limit,
                        write_last=True, **kw)
       out.tokens.block_until_ready()
-    t = _best(run, repeats)
+    t = best_time(run, repeats)
     res[f"{name}_s"], res[f"{name}_tok_s"] = t, float(limit.sum()) / t
   res["speedup"] = res["one_loop_s"] / res["compact_s"]
   return res
@@ -246,7 +237,7 @@ def summary_phase(params, cfg, rows: int, b_max: int, m: int, a: int, s: int, pr
           rep(cuts.length), rep(cuts.insert), rep(cuts.insert_len),
           jnp.ones((rows, m * a), bool), jax.random.PRNGKey(0))
   kw = dict(prompt_len=prompt_len, summary_len=s, strategy=smp.Greedy(), eos_id=-5, pad_id=0)
-  t_ours = _best(lambda: at.decode_branches(*args, **kw)[0].block_until_ready(), repeats)
+  t_ours = best_time(lambda: at.decode_branches(*args, **kw)[0].block_until_ready(), repeats)
   mem_ours = _memory(at.decode_branches.lower(*args, **kw).compile())
   # The plain approach: each branch's context [prompt | thinking[:cut] | inserted] prefilled
   # into a cache of its own, then S tokens decoded.
@@ -261,7 +252,7 @@ def summary_phase(params, cfg, rows: int, b_max: int, m: int, a: int, s: int, pr
     out = smp.sample(params, cfg, contexts, s, smp.Greedy(), pad_id=0)
     out.tokens.block_until_ready()
 
-  t_plain = _best(plain, repeats)
+  t_plain = best_time(plain, repeats)
   p_tok, p_valid = smp.pad_prompts(contexts, 0)
   stops = smp.stop_array([[-2]])
   pre = smp.prefill_jit.lower(params, cfg, p_tok, p_valid, stops, jax.random.PRNGKey(0),

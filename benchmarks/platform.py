@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 PLATFORMS = ("cpu", "gpu", "tpu", "auto")
 
@@ -28,3 +29,15 @@ def set_platform(argv=None, default: str = "cpu") -> str:
   if p != "auto":
     os.environ.setdefault("JAX_PLATFORMS", "cuda" if p == "gpu" else p)
   return p
+
+
+def best_time(fn, repeats: int) -> float:
+  """Best wall time in seconds of `repeats` calls of fn() (after one warm-up call that
+  compiles); fn must wait for its result (block_until_ready)."""
+  fn()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t)
+  return best

@@ -257,7 +257,7 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
   """
   r, c, n_ins = insert.shape
   w = n_ins + summary_len
-  trunk_block = cfg.decode_block if block is None else block
+  trunk_block = sampling.key_block(cfg, block)
   # The trunk is [prompt (P slots, left-padded) | thinking]; a branch sees [start, P + cut).
   slots = jnp.arange(trunk.length)
   trunk_end = prompt_len + cut_len

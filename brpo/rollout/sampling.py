@@ -194,6 +194,11 @@ def _write(buf, new, index):
   return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1)
 
 
+def key_block(cfg: ModelConfig, block: int | None) -> int:
+  """The decode attention's key block: `block`, or cfg.decode_block (--decode_block) if None."""
+  return cfg.decode_block if block is None else block
+
+
 def decode_step(params, cfg: ModelConfig, tok, pos, cache: dec.KVCache, index, start, *,
                 dense: bool = False, block: int | None = None, mesh=None):
   """One token per row: writes its keys/values at cache slot `index` and attends over slots
@@ -210,8 +215,7 @@ def decode_step(params, cfg: ModelConfig, tok, pos, cache: dec.KVCache, index, s
 
   def attend(q, k, v, kv):
     ck, cv = _write(kv[0], k, index), _write(kv[1], v, index)
-    return attn.decode_attention(q, ck, cv, start, index + 1,
-                                 block=cfg.decode_block if block is None else block), (ck, cv)
+    return attn.decode_attention(q, ck, cv, start, index + 1, block=key_block(cfg, block)), (ck, cv)
 
   h, states = dec.decoder(params, cfg, tok, pos, attend, list(zip(cache.k, cache.v)), mesh=mesh)
   new = dec.KVCache(k=tuple(s[0] for s in states), v=tuple(s[1] for s in states))
