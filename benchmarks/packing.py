@@ -15,7 +15,8 @@ MFU = model FLOPs (6 x parameters per slot plus causal attention over each slot'
 no remat recomputation counted) / time / --peak_tflops.
 
 Packed: one row per thinking holding prompt, thinking and all m * A branches (brpo.packing.pack,
-block-structured tree attention). Plain: the thinking and every branch as its own causal
+block-structured tree attention). Ragged: the same rows with their live slots moved left and cut to
+the narrowest of --pack_buckets widths that holds the longest (brpo.packing.compact). Plain: the thinking and every branch as its own causal
 sequence (brpo.packing.unpack). Both compute the same PPO loss and gradients (tests/test_packing.py);
 here they are timed (forward + backward, jitted, after compilation) and their compiled memory
 compared. Both accumulate gradients over one thinking at a time (the plain layout's 17 rows of
@@ -116,10 +117,11 @@ def attention_context(batch) -> float:
   slot's limit, plus its own branch's earlier slots."""
   br = np.asarray(batch.branch)
   lim = np.asarray(batch.limit).astype(np.float64)
-  own = np.zeros_like(lim)
-  if batch.n_branches:
-    w, tt, c = batch.branch_width, batch.trunk_len, batch.n_branches
-    own[:, tt:tt + c * w] = np.tile(np.arange(1, w + 1), c)[None]
+  own = np.zeros_like(lim)  # a branch slot sees its branch's earlier slots and itself
+  for r in range(br.shape[0]):
+    for b in np.unique(br[r][br[r] > 0]):
+      at_b = br[r] == b
+      own[r, at_b] = np.arange(1, at_b.sum() + 1)
   return float(np.where(br >= 0, lim + own, 0).sum())
 
 
@@ -190,6 +192,8 @@ def main():
                   help="the accelerator's dense bfloat16 peak (H100/H200 SXM: 989)")
   ap.add_argument("--blocks", default="", help="also time the packed pass at these attention "
                   "blocks, e.g. 128,32 (ratios to the first)")
+  ap.add_argument("--pack_buckets", type=int, default=16, help="the ragged layout's widths "
+                  "(brpo.train.packing.bucket_widths)")
   ap.add_argument("--out", default="")
   args = ap.parse_args()
   args.scan_layers = str(args.scan_layers).lower() in ("1", "true", "yes")
@@ -220,19 +224,23 @@ def main():
   adv_s = jax.random.normal(jax.random.PRNGKey(2), (r, m, a))
   packed = pk.pack(ro, adv_t, adv_s)
   plain = pk.unpack(ro, adv_t, adv_s)
+  needed = int(np.asarray(pk.live_slots(packed)).max())
+  ragged = pk.compact(packed, pk.bucket_width(needed, packed.tokens.shape[1], args.pack_buckets))
   repeats = 1 if args.quick else 2
-  # The same Dr. GRPO constant for both, so the two losses are the same number.
+  # The same Dr. GRPO constant for all, so the losses are the same number.
   max_len = packed.response_len
   t_packed, m_packed = time_pass(params, cfg, packed, max_len, 1, repeats)
   t_plain, m_plain = time_pass(params, cfg, plain, max_len, 1 + m * a, repeats)
+  t_ragged, m_ragged = time_pass(params, cfg, ragged, max_len, 1, repeats)
   trained = int(packed.loss_mask.sum())
   print(f"{args.model or 'tiny'} model ({cfg.n_params:,} parameters), {rows} thinkings, b_max={b_max}, m={m}, "
         f"A={a}, S={s}; {trained} trained tokens")
   print(f"{'layout':>7} {'rows':>5} {'slots':>6} {'fwd+bwd s':>9} {'memory MB':>9}")
-  print(f"{'packed':>7} {packed.tokens.shape[0]:>5} {packed.tokens.shape[1]:>6} "
-        f"{t_packed:9.2f} {m_packed / 2**20:9.1f}")
-  print(f"{'plain':>7} {plain.tokens.shape[0]:>5} {plain.tokens.shape[1]:>6} "
-        f"{t_plain:9.2f} {m_plain / 2**20:9.1f}")
+  for name, b, t_, m_ in (("packed", packed, t_packed, m_packed), ("plain", plain, t_plain, m_plain),
+                          ("ragged", ragged, t_ragged, m_ragged)):
+    print(f"{name:>7} {b.tokens.shape[0]:>5} {b.tokens.shape[1]:>6} {t_:9.2f} {m_ / 2**20:9.1f}")
+  print(f"ragged rows (--pack_buckets={args.pack_buckets}, longest row {needed} slots): "
+        f"{t_packed / t_ragged:.2f}x the fixed layout's speed")
   blocks = {}
   if args.blocks:
     print(f"packed pass of all {rows} rows at once, by attention block")
@@ -245,13 +253,15 @@ def main():
 
   g = measure_grader(n=200 if args.quick else 1000)
   out = {"packed_speedup": t_plain / t_packed, "packed_peak_mem_ratio": m_packed / m_plain,
+         "ragged_speedup_vs_packed": t_packed / t_ragged,
          "grader_gsm8k_per_s": g["gsm8k_per_s"], "grader_math_per_s": g["math_per_s"]}
   if blocks:
     first = next(iter(blocks))
     out.update({f"block{bs}_speedup_vs_{first}": blocks[first] / t for bs, t in blocks.items()})
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({**out, "packed_s": t_packed, "plain_s": t_plain, "packed_mem_bytes": m_packed,
+      json.dump({**out, "packed_s": t_packed, "plain_s": t_plain, "ragged_s": t_ragged,
+                 "ragged_slots": ragged.tokens.shape[1], "packed_mem_bytes": m_packed,
                  "plain_mem_bytes": m_plain, "rows": rows, "grader": g}, f, indent=1)
   print(json.dumps(out))
 

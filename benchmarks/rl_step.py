@@ -94,6 +94,7 @@ def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
   out = {k: float(np.mean([r[k] for r in rows])) for k in PHASES}
   out["thinking_len"] = float(np.mean([r["thinking_len"] for r in rows]))
   out["generated_tokens"] = float(np.mean([r["generated_tokens"] for r in rows]))
+  out["packed_width"] = float(np.mean([r["packed_width"] for r in rows]))
   return out
 
 
@@ -136,10 +137,10 @@ def main():
         f"summary_len={base.rl.summary_len}"
         + (", thinkings run to b_max" if args.think_to_budget else ""))
   print(f"{'run':>10} " + " ".join(f"{p.split('/')[1]:>10}" for p in PHASES)
-        + f" {'think_len':>9} {'gen tok':>8}")
+        + f" {'think_len':>9} {'gen tok':>8} {'width':>6}")
   for name, r in res.items():
     print(f"{name:>10} " + " ".join(f"{r[p]:10.2f}" for p in PHASES)
-          + f" {r['thinking_len']:9.1f} {r['generated_tokens']:8.0f}")
+          + f" {r['thinking_len']:9.1f} {r['generated_tokens']:8.0f} {r['packed_width']:6.0f}")
   print("AR over GRPO per step pair: " + ", ".join(f"{r:.2f}" for r in paired))
   out = {"ar_over_grpo_step_time": res["ar_uniform"]["seconds/step"]
          / res["grpo"]["seconds/step"], "paired_ratios": paired,

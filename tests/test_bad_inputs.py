@@ -142,6 +142,7 @@ def test_in_process_errors_name_the_flag():
       ("--eval_budgets=0",): "--eval_budgets=0: must be >= 1",
       ("--attention_block=48",): "--attention_block=48: expected one of 16, 32, 64, 128",
       ("--decode_block=0",): "--decode_block=0: must be >= 1",
+      ("--pack_buckets=0",): "--pack_buckets=0: must be >= 1",
       # A flag with choices is an absl enum: checked as it is parsed.
       ("--template=alpaca",): "flag --template=alpaca: value should be one of "
                               "<r1_distill|chatml|plain>",

@@ -260,3 +260,67 @@ def test_think_to_budget_runs_every_thinking_to_b_max(setup):
   for row, n in enumerate(own):
     np.testing.assert_array_equal(forced.thinking[row, :n], ro.thinking[row, :n])
   assert (np.asarray(forced.summary_len) < SPEC.summary_len).any(), "no summary ended by eos"
+
+
+def test_bucket_widths():
+  assert pk.bucket_widths(1536, 4) == [384, 768, 1152, 1536]
+  assert pk.bucket_widths(1536, 1) == [1536]
+  assert pk.bucket_widths(104, 4) == [32, 56, 80, 104]  # rows under one block: multiples of 8
+  assert pk.bucket_width(385, 1536, 4) == 768 and pk.bucket_width(384, 1536, 4) == 384
+  assert pk.bucket_width(1, 1536, 1) == 1536
+  with pytest.raises(ValueError, match="1537 live slots"):
+    pk.bucket_width(1537, 1536, 4)
+  with pytest.raises(ValueError, match="n_buckets=0"):
+    pk.bucket_widths(1536, 0)
+
+
+@pytest.mark.parametrize("shared_cuts", ["reuse", "resample"])
+def test_ragged_rows_equal_the_fixed_layout(setup, shared_cuts):
+  """`compact` (--pack_buckets): every row's live slots move left and the rows are cut to a
+  narrower width; the trained tokens, their old log-probs and advantages keep their order, and
+  the forward's log-probs, the PPO loss and its gradients equal those of the fixed layout."""
+  from brpo.core import loss as loss_lib
+
+  sharp, params, _, tadv, sadv = setup
+  spec = SPEC.__class__(**{**SPEC.__dict__, "shared_cuts": shared_cuts})
+  ro = at.anytime_rollout(sharp, CFG, PROMPTS, spec, TOKS, jax.random.PRNGKey(0))
+  # The sharp model's summaries run to S: end them after 1 to S tokens, as a trained model's
+  # answers do (what follows a summary's length is never read).
+  ro = ro.replace(summary_len=jnp.minimum(
+      ro.summary_len, 1 + jnp.arange(ro.summary_len.size).reshape(ro.summary_len.shape) % 6))
+  b = pk.pack(ro, tadv, sadv)
+  full = b.tokens.shape[1]
+  live = np.asarray(pk.live_slots(b))
+  width = pk.bucket_width(int(live.max()), full, 8)
+  assert width < full, "fixture: the ragged rows should be narrower"
+  c = pk.compact(b, width)
+  assert c.tokens.shape == (b.tokens.shape[0], width) and c.ragged
+  assert c.response_len == b.response_len  # the loss's constant does not follow the width
+  m_b, m_c = np.asarray(b.loss_mask), np.asarray(c.loss_mask)
+  assert m_c.sum() == m_b.sum() > 0
+  for f in ("tokens", "positions", "limit", "old_logp", "advantages", "is_summary"):
+    np.testing.assert_array_equal(np.asarray(getattr(c, f))[m_c], np.asarray(getattr(b, f))[m_b])
+  # The token before every trained token (what predicts it) is the same too.
+  prev = lambda x, m: np.asarray(x)[:, :-1][m[:, 1:]]
+  np.testing.assert_array_equal(prev(c.tokens, m_c), prev(b.tokens, m_b))
+  # The trunk stays where it was; every branch is one run of slots, in the order packed.
+  p = ro.prompt.shape[1]
+  for r in range(b.tokens.shape[0]):
+    tl = p + int(ro.thinking_len[r])
+    np.testing.assert_array_equal(c.tokens[r, :tl], b.tokens[r, :tl])
+    ids = np.asarray(c.branch[r, tl:live[r]])
+    assert (ids > 0).all() and (np.diff(ids) >= 0).all()
+    assert (np.asarray(c.branch[r, live[r]:]) == -1).all()
+
+  def loss(prm, x):
+    lp = pk.token_logprobs(prm, CFG, x)
+    return loss_lib.ppo_loss(lp, x.old_logp, x.advantages, x.loss_mask,
+                             max_len=x.response_len).loss_sum, lp
+
+  f = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (v_b, lp_b), g_b = f(params, b)
+  (v_c, lp_c), g_c = f(params, c)
+  np.testing.assert_allclose(np.asarray(lp_c)[m_c], np.asarray(lp_b)[m_b], atol=1e-5)
+  np.testing.assert_allclose(v_c, v_b, rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_b)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(np.abs(y).max()))

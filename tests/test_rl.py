@@ -82,6 +82,24 @@ def test_train_step_sharded_equals_single_device(batch):
                                                       jax.tree.leaves(p1)))
 
 
+def test_ragged_rows_on_a_mesh_equal_the_fixed_layout(batch):
+  """--pack_buckets: the update of compacted rows, sharded over a (1, 4, 2) mesh in micro-batches,
+  gives the fixed layout's loss, gradient norm and parameters on one device."""
+  params, b = batch
+  live = np.asarray(pk.live_slots(b))
+  c = pk.compact(b, pk.bucket_width(int(live.max()), b.tokens.shape[1], 8))
+  moved = np.asarray(c.branch[:, :live.min()]) != np.asarray(b.branch[:, :live.min()])
+  assert moved.any(), "fixture: compaction should move some branches"
+  p1, m1 = _run(params, b, RL)
+  rl2 = C.RLConfig(**{**RL.__dict__, "micro_batches": 2})
+  p8, m8 = _run(params, c, rl2, shd.make_mesh((1, 4, 2)))
+  np.testing.assert_allclose(m8["loss"], m1["loss"], atol=1e-6)
+  np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
+  assert m8["trained_tokens"] == m1["trained_tokens"]
+  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(x, y, atol=1e-5)
+
+
 @pytest.mark.parametrize("agg", ["dr_grpo", "token_mean", "seq_mean_token_mean"])
 def test_micro_batches_equal_full_batch(batch, agg):
   params, b = batch

@@ -179,6 +179,11 @@ class RLConfig:
       8, "The smallest batch --compact_every moves the running rows into (batches double from "
       "there; each size is one more compilation). On a mesh it is rounded up to a multiple of "
       "data x fsdp.")
+  pack_buckets: int = setting(
+      16, "Ragged training rows: each row's live slots (the thinking up to its length, summaries "
+      "up to theirs) move left, and the step's rows are cut to the narrowest of this many "
+      "widths (T * k / n, k = 1..n) that holds the longest; each width compiles the update once. "
+      "1: every row keeps the fixed layout of b_max and S.")
   old_logp: str = setting(
       "recompute", "PPO's old log-probs: recompute (the paper's code: the training forward "
       "before the update) or sampler (the rollout's own log-probs).", choices=OLD_LOGP)
@@ -195,6 +200,7 @@ class RLConfig:
         (self.rollout_batch >= 0, "rollout_batch", ">= 0"),
         (self.compact_every >= 0, "compact_every", ">= 0"),
         (self.compact_min_rows >= 1, "compact_min_rows", ">= 1"),
+        (self.pack_buckets >= 1, "pack_buckets", ">= 1"),
         (self.lam > 0, "lam", "> 0"),
         (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
         (self.temperature > 0, "temperature", "> 0 (rollouts sample)"),

@@ -11,9 +11,16 @@ see the prompt, the thinking up to its cut and the earlier tokens of its own bra
 attention is `models.attention.packed_attention` (flash-style, memory linear in T) on the
 (branch, limit) descriptors; the log-probs and entropy of the trained tokens are computed in
 chunks of slots (`logprobs_from_hidden`), never as a row's whole [T, V] float32 logits.
+
+Ragged rows (`compact`, --pack_buckets): most rows fill few of their slots (thinkings that end
+before b_m, summaries that end before S), so before the update the live slots of each row move
+left and the batch is cut to the narrowest of a few widths (`bucket_widths`) that holds its
+longest row: the descriptors describe any placement, so the kernel needs no change.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.struct
 import jax
@@ -58,6 +65,9 @@ class PackedBatch:
   n_branches: int = flax.struct.field(pytree_node=False, default=0)
   branch_width: int = flax.struct.field(pytree_node=False, default=0)
   # Slots after trunk_len + n_branches * branch_width are padding (up to `padded_length`).
+  # ragged: `compact` moved the branches next to each row's last live slot and cut the rows to a
+  # narrower width; the layout fields above then describe the uncompacted rows (response_len).
+  ragged: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def response_len(self) -> int:
@@ -148,6 +158,53 @@ def pack(ro: AnytimeRollout, thinking_adv, summary_adv, summary_train=None) -> P
                      br_adv).astype(jnp.float32),
       is_summary=cat(jnp.zeros_like(trunk_train), br_train),
       prompt_len=p, trunk_len=p + b_max, n_branches=c, branch_width=w)
+
+
+def _kept(batch: PackedBatch) -> jax.Array:
+  """[R, T] bool: the slots `compact` keeps, the prompt's P slots (left padding included) and
+  every slot that is not padding after them."""
+  slot = jnp.arange(batch.tokens.shape[1])
+  return (slot[None] < batch.prompt_len) | (batch.branch != masks.PAD)
+
+
+def live_slots(batch: PackedBatch) -> jax.Array:
+  """[R] int32: the slots each row keeps under `compact` (the width it needs)."""
+  return jnp.sum(_kept(batch), axis=1, dtype=jnp.int32)
+
+
+def bucket_widths(full: int, n_buckets: int) -> list[int]:
+  """The widths `compact` cuts rows of `full` slots to, one compilation of the train step each:
+  `padded_length` of full * k / n_buckets for k = 1 .. n_buckets (the last is `full`)."""
+  if n_buckets < 1:
+    raise ValueError(f"n_buckets={n_buckets}: must be >= 1")
+  return sorted({padded_length(-(-full * k // n_buckets)) for k in range(1, n_buckets + 1)})
+
+
+def bucket_width(needed: int, full: int, n_buckets: int) -> int:
+  """The smallest of `bucket_widths(full, n_buckets)` that holds `needed` slots."""
+  if needed > full:
+    raise ValueError(f"{needed} live slots do not fit rows of {full}")
+  return next(w for w in bucket_widths(full, n_buckets) if w >= needed)
+
+
+@functools.partial(jax.jit, static_argnames="width")
+def compact(batch: PackedBatch, width: int) -> PackedBatch:
+  """Ragged packing: in every row, the slots after the prompt that are not padding (the thinking
+  up to its length, then each branch's inserted and summary tokens) move left, in order, over
+  the padding of the thinking and of the branches; rows are then cut to `width` slots
+  (>= `live_slots` of every row; pick it with `bucket_width`). [R, T] -> [R, width].
+
+  Nothing a trained token computes changes: trunk slots keep their indices (the prompt's left
+  padding stays, and the thinking's padding is at its end), so every `limit` still names the
+  same trunk slots; a branch keeps its id, positions and order, and every trained token keeps
+  the slot before it (within its thinking or its branch). Only padding queries and padded keys
+  go, which no trained token sees. `response_len`, the constant of the loss, is unchanged.
+  """
+  order = jnp.argsort(jnp.logical_not(_kept(batch)), axis=1, stable=True)[:, :width]
+  take = lambda x: jnp.take_along_axis(x, order, axis=1)
+  fields = ("tokens", "positions", "branch", "limit", "loss_mask", "old_logp", "advantages",
+            "is_summary")
+  return batch.replace(ragged=True, **{f: take(getattr(batch, f)) for f in fields})
 
 
 def token_logprobs(params, cfg: ModelConfig, batch: PackedBatch, temperature: float = 1.0,
