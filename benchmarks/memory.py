@@ -104,10 +104,13 @@ def update_memory(cfg, ec: run_config.ExperimentConfig, mesh, rows_per_device: i
   mem = compiled.memory_analysis()
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
           - mem.alias_size_in_bytes)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return dict(peak_gb=peak / GB, argument_gb=mem.argument_size_in_bytes / GB,
               output_gb=mem.output_size_in_bytes / GB, temp_gb=mem.temp_size_in_bytes / GB,
               alias_gb=mem.alias_size_in_bytes / GB, rows=rows, micro_batches=micro,
-              rows_per_micro_batch=rows // micro, slots=t, compile_s=time.time() - t0)
+              rows_per_micro_batch=rows // micro, slots=t, compile_s=time.time() - t0,
+              xla_tflops=float((cost or {}).get("flops", float("nan"))) / 1e12)
 
 
 _ENTRY_PARAM = re.compile(r"^\s*%(\S+) = bf16\[[\d,]*\]\S* parameter\(")
@@ -190,6 +193,33 @@ def kv_cache_report(cfg, prompt_len: int, b_max: int, state_gb_1dev: float, hbm_
               rows_needed=64 * 8)
 
 
+def ragged_report(cfg, ec: run_config.ExperimentConfig, mesh, args, b_max: int):
+  """The one-device update at the full packed width T and at the next narrower widths of
+  `--pack_buckets` (brpo.train.packing.bucket_widths): what a step whose longest row fits one of
+  them compiles to, in XLA's memory and flop counts."""
+  rl = ec.rl
+  m, a, s = rl.n_budgets, rl.n_summaries, rl.summary_len
+  t, trunk, c, w = packed_shape(args.prompt_len, b_max, m, a, s, args.n_insert)
+  widths = pk.bucket_widths(t, rl.pack_buckets, cfg.attention_block)[::-1][:args.ragged + 1]
+  ec_b = run_config.ExperimentConfig(
+      model=run_config.ModelSpec(**{**ec.model.__dict__, "max_prompt_len": args.prompt_len}),
+      rl=run_config.RLConfig(**{**rl.__dict__, "b_max": b_max}), optim=ec.optim,
+      run=ec.run, data=ec.data, eval=ec.eval)
+  rows, out = [], {}
+  for width in widths:
+    r = update_memory(cfg, ec_b, mesh, args.rows_per_device, width, trunk, c, w)
+    rows.append(r)
+    first = rows[0]
+    print(f"b_max={b_max} width {width:6d} of T={t} ({width / t:.3f}): {r['peak_gb']:6.2f} GB "
+          f"({r['peak_gb'] / first['peak_gb']:.3f}x), XLA flops {r['xla_tflops']:8.1f} T "
+          f"({r['xla_tflops'] / first['xla_tflops']:.3f}x); compiled in {r['compile_s']:.0f} s",
+          flush=True)
+    out[f"ragged_w{width}_gb"] = round(r["peak_gb"], 2)
+    out[f"ragged_w{width}_flops_ratio"] = round(r["xla_tflops"] / first["xla_tflops"], 4)
+  print(json.dumps(out))
+  return out, {"ragged": rows}
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--flagfile", default="experiments/configs/deepseek_r1_1.5b_math.flags",
@@ -208,6 +238,9 @@ def main(argv=None):
                   help="rows per sampler call on one device (the fsdp mesh rolls out all 512)")
   ap.add_argument("--skip_rollout", action="store_true", help="only the update")
   ap.add_argument("--quick", action="store_true", help="only the one-device case at 2048")
+  ap.add_argument("--ragged", type=int, default=0, metavar="K",
+                  help="only the one-device update at the largest b_max, at the full width and "
+                  "at the K next narrower widths of --pack_buckets (ragged rows)")
   args = ap.parse_args(argv)
 
   from experiments import gsm_math
@@ -236,6 +269,8 @@ def main(argv=None):
   else:
     meshes = {"1dev": one, f"fsdp{args.devices}": fsdp}
   out, details = {}, {}
+  if args.ragged:
+    return ragged_report(cfg, ec, one, args, max(budgets))
   for b_max in budgets:
     t, trunk, c, w = packed_shape(args.prompt_len, b_max, m, a, s, args.n_insert)
     for name, mesh in meshes.items():

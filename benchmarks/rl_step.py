@@ -71,13 +71,10 @@ class Run:
     examples = data_lib.load_dataset(ec.data.train)
     self.prompts, self.refs, _ = runner.encode_prompts(
         examples, tokenizer, ec.model.template, ec.model.max_prompt_len, "skip", ec.data.train)
-    n_ins = max(len(toks.insert_running), len(toks.insert_ended))
-    spec = rl.budget_spec
-    response_len = spec.b_max + spec.m * rl.n_summaries * (n_ins + rl.summary_len)
     upd = rl.prompts_per_batch // rl.mini_batch_prompts
     opt = train_lib.make_optimizer(ec.optim, steps * upd, cfg)
     self.state = train_lib.init_train_state(jax.tree.map(np.copy, params), opt, 0)
-    step = train_lib.make_train_step(cfg, opt, rl, response_len)
+    step = train_lib.make_train_step(cfg, opt, rl, rl_lib.response_len(rl, toks))
     self.it = data_lib.DataIterator(list(range(len(self.prompts))), rl.prompts_per_batch, 0)
     self.ctx = rl_lib.RLContext(cfg=cfg, tokenizer=tokenizer, toks=toks, rl=rl, grader=grader,
                                 train_step=step, lr_fn=lambda s: ec.optim.lr,

@@ -268,6 +268,10 @@ def test_bucket_widths():
   assert pk.bucket_widths(104, 4) == [32, 56, 80, 104]  # rows under one block: multiples of 8
   assert pk.bucket_width(385, 1536, 4) == 768 and pk.bucket_width(384, 1536, 4) == 384
   assert pk.bucket_width(1, 1536, 1) == 1536
+  # Above one block, widths are multiples of the attention block (--attention_block).
+  assert pk.bucket_widths(512, 16) == [32, 64, 96, 128, 256, 384, 512]
+  assert pk.bucket_widths(512, 16, block=32) == list(range(32, 513, 32))
+  assert pk.bucket_width(344, 512, 16, block=32) == 352
   with pytest.raises(ValueError, match="1537 live slots"):
     pk.bucket_width(1537, 1536, 4)
   with pytest.raises(ValueError, match="n_buckets=0"):

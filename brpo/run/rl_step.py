@@ -38,6 +38,14 @@ def anytime_spec(rl: RLConfig) -> at.AnytimeConfig:
                           shared_cuts=rl.shared_cut_summaries)
 
 
+def response_len(rl: RLConfig, toks: at.AnytimeTokens) -> int:
+  """Dr. GRPO's constant (SPEC §7): the slots of a packed row that can hold generated tokens,
+  b_m + m * A * (I + S) whatever the batch's own lengths (ragged rows keep it)."""
+  n_ins = max(len(toks.insert_running), len(toks.insert_ended))
+  spec = rl.budget_spec
+  return spec.b_max + spec.m * rl.n_summaries * (n_ins + rl.summary_len)
+
+
 # ---------------------------------------------------------------------------------------------
 # Advantages.
 
@@ -147,8 +155,8 @@ def rl_step(state: TrainState, prompts: Sequence[Sequence[int]], references: Seq
   batch = packing.pack(ro, put(think_adv), put(summ_adv), summary_train=put(summ_train))
   if rl.pack_buckets > 1:  # ragged rows: only as wide as the step's longest
     needed = int(rows_lib.fetch(jnp.max(packing.live_slots(batch))))
-    batch = packing.compact(batch, packing.bucket_width(needed, batch.tokens.shape[1],
-                                                        rl.pack_buckets))
+    batch = packing.compact(batch, packing.bucket_width(
+        needed, batch.tokens.shape[1], rl.pack_buckets, ctx.cfg.attention_block))
   rows_per_mb = rl.mini_batch_prompts * g
   logp_gap = None
   if rl.old_logp == "recompute":  # SPEC §7: the trainer's own log-probs before the update.

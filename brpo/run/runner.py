@@ -126,9 +126,7 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
   log.info("train: %d questions (%d dropped as in eval, %d too long); eval: %d", len(prompts),
            dropped, skipped, len(r.eval_prompts))
   prompt_length = _prompt_length(prompts)
-  spec = rl_lib.anytime_spec(rl)
-  n_ins = max(len(r.toks.insert_running), len(r.toks.insert_ended))
-  response_len = spec.b_max + len(spec.budgets) * rl.n_summaries * (n_ins + rl.summary_len)
+  response_len = rl_lib.response_len(rl, r.toks)
   updates_per_step = rl.ppo_epochs * (rl.prompts_per_batch // rl.mini_batch_prompts)
   optimizer, train_step, logprob_fn = _train_fns(cfg, ec.optim, rl,
                                                  run.steps * updates_per_step, response_len, mesh)

@@ -172,19 +172,22 @@ def live_slots(batch: PackedBatch) -> jax.Array:
   return jnp.sum(_kept(batch), axis=1, dtype=jnp.int32)
 
 
-def bucket_widths(full: int, n_buckets: int) -> list[int]:
+def bucket_widths(full: int, n_buckets: int, block: int = BLOCK) -> list[int]:
   """The widths `compact` cuts rows of `full` slots to, one compilation of the train step each:
-  `padded_length` of full * k / n_buckets for k = 1 .. n_buckets (the last is `full`)."""
+  `padded_length(full * k / n_buckets, block)` for k = 1 .. n_buckets (the last is `full`).
+  `block`: the attention kernel's block (ModelConfig.attention_block), which every width above
+  one block is a multiple of."""
   if n_buckets < 1:
     raise ValueError(f"n_buckets={n_buckets}: must be >= 1")
-  return sorted({padded_length(-(-full * k // n_buckets)) for k in range(1, n_buckets + 1)})
+  return sorted({min(full, padded_length(-(-full * k // n_buckets), block))
+                 for k in range(1, n_buckets + 1)})
 
 
-def bucket_width(needed: int, full: int, n_buckets: int) -> int:
-  """The smallest of `bucket_widths(full, n_buckets)` that holds `needed` slots."""
+def bucket_width(needed: int, full: int, n_buckets: int, block: int = BLOCK) -> int:
+  """The smallest of `bucket_widths(full, n_buckets, block)` that holds `needed` slots."""
   if needed > full:
     raise ValueError(f"{needed} live slots do not fit rows of {full}")
-  return next(w for w in bucket_widths(full, n_buckets) if w >= needed)
+  return next(w for w in bucket_widths(full, n_buckets, block) if w >= needed)
 
 
 @functools.partial(jax.jit, static_argnames="width")
