@@ -2,6 +2,11 @@
 
   python -m benchmarks.rl_step [--quick] [--steps N] [--out rl_step.json] [--platform=cpu|gpu|..]
       [--think_to_budget] [any experiment flag, e.g. --b_max=192 --summary_len=24 --remat=full]
+      [--run "ar_uniform --pack_buckets=1" --run ar_uniform]   # any two or more runs
+
+The runs default to GRPO and AR-uniform (experiments/configs/{grpo,ar_uniform}.flags); `--run`,
+repeated, names others: a flagfile of experiments/configs and flags for that run only. Ratios
+are to the first run.
 
 A paper-like thinking-to-summary ratio (8,000-token thinkings against summaries of 128 tokens):
   python -m benchmarks.rl_step --think_to_budget --b_max=1024 --summary_len=16
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import time
 
 from benchmarks.platform import set_platform
@@ -41,7 +47,7 @@ from brpo.train import step as train_lib  # noqa: E402
 from brpo.run import runner  # noqa: E402
 from brpo.grading import Grader  # noqa: E402
 from experiments import gsm_math  # noqa: E402
-from models import decoder as dec  # noqa: E402
+from models.config import RUNTIME_FIELDS  # noqa: E402
 
 PHASES = ("seconds/thinking", "seconds/summaries", "seconds/grading", "seconds/update",
           "seconds/step")
@@ -64,6 +70,11 @@ class Run:
                think_to_budget: bool = False):
     ec = gsm_math.config_from_args([f"--flagfile={flagfile}", *extra])
     cfg, params, tokenizer = model
+    if ec.model.scan_layers != cfg.scan_layers:
+      raise ValueError(f"--run {flagfile}: --scan_layers differs from the shared model's; give it "
+                       "to all runs (outside --run)")
+    # The shared parameters serve every run; the run's own kernel settings apply.
+    cfg = cfg.replace(**{f: getattr(ec.model, f) for f in RUNTIME_FIELDS if f != "scan_layers"})
     rl = ec.rl
     toks = at.AnytimeTokens.from_tokenizer(tokenizer)
     if think_to_budget:
@@ -95,6 +106,12 @@ def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
   return out
 
 
+def parse_run(spec: str) -> tuple[str, list[str]]:
+  """'ar_uniform --pack_buckets=1' -> (experiments/configs/ar_uniform.flags, ['--pack_buckets=1'])."""
+  name, *flags = shlex.split(spec)
+  return f"experiments/configs/{name}.flags", flags
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true")
@@ -106,7 +123,13 @@ def main():
                   "ratio; timings only)")
   ap.add_argument("--platform", default="cpu", help="cpu, gpu, tpu or auto (read before jax "
                   "is imported)")
+  ap.add_argument("--run", action="append", default=[], help="a run to time: a flagfile name "
+                  "of experiments/configs and its own flags, e.g. 'ar_uniform --pack_buckets=1' "
+                  "(repeat; default grpo and ar_uniform)")
   args, flags = ap.parse_known_args()
+  names = args.run or ["grpo", "ar_uniform"]
+  if len(names) < 2:
+    ap.error("--run: name at least two runs to compare")
   steps = args.steps or (2 if args.quick else 4)
   base = gsm_math.config_from_args(["--flagfile=experiments/configs/tiny_cpu.flags",
                                     f"--warmstart_dir={args.warmstart_dir}", *flags])
@@ -114,39 +137,48 @@ def main():
   model = runner.load_model(base)
   print(f"model ready in {time.time() - t:.0f} s ({model[0].n_params:,} parameters)")
   extra = [f"--warmstart_dir={args.warmstart_dir}", *flags]
-  # The two runs' steps alternate (GRPO first on even steps, AR first on odd ones), so that both
-  # see the same machine: on a shared 2-core machine whole runs timed one after the other moved
-  # the ratio from 1.0 to 1.4 between invocations.
-  names = ("grpo", "ar_uniform")
+  # The runs' steps alternate (in order on even steps, reversed on odd ones), so that all see
+  # the same machine: on a shared 2-core machine whole runs timed one after the other moved the
+  # ratio from 1.0 to 1.4 between invocations.
   rows = {name: [] for name in names}
   with Grader(num_workers=1) as grader:
-    runs = {name: Run(f"experiments/configs/{name}.flags", steps, extra, model, grader,
-                      args.think_to_budget) for name in names}
+    runs = {}
+    for name in names:
+      flagfile, own = parse_run(name)
+      runs[name] = Run(flagfile, steps, extra + own, model, grader, args.think_to_budget)
     for i in range(steps + 1):
       for name in (names if i % 2 == 0 else names[::-1]):
         m = runs[name].step()
         if i:  # the first step compiles
           rows[name].append(m)
   res = {name: summarize(rows[name]) for name in names}
-  paired = [a["seconds/step"] / g["seconds/step"]
-            for g, a in zip(rows["grpo"], rows["ar_uniform"])]
+  first = names[0]
+  paired = {name: [a["seconds/step"] / g["seconds/step"] for g, a in zip(rows[first], rows[name])]
+            for name in names[1:]}
   print(f"\nRL step on the tiny task, {steps} timed steps each, b_max={base.rl.b_max}, "
         f"summary_len={base.rl.summary_len}"
         + (", thinkings run to b_max" if args.think_to_budget else ""))
-  print(f"{'run':>10} " + " ".join(f"{p.split('/')[1]:>10}" for p in PHASES)
+  wide = max(10, *(len(n) for n in names))
+  print(f"{'run':>{wide}} " + " ".join(f"{p.split('/')[1]:>10}" for p in PHASES)
         + f" {'think_len':>9} {'gen tok':>8} {'width':>6}")
   for name, r in res.items():
-    print(f"{name:>10} " + " ".join(f"{r[p]:10.2f}" for p in PHASES)
+    print(f"{name:>{wide}} " + " ".join(f"{r[p]:10.2f}" for p in PHASES)
           + f" {r['thinking_len']:9.1f} {r['generated_tokens']:8.0f} {r['packed_width']:6.0f}")
-  print("AR over GRPO per step pair: " + ", ".join(f"{r:.2f}" for r in paired))
-  out = {"ar_over_grpo_step_time": res["ar_uniform"]["seconds/step"]
-         / res["grpo"]["seconds/step"], "paired_ratios": paired,
-         "grpo_step_s": res["grpo"]["seconds/step"], "ar_step_s": res["ar_uniform"]["seconds/step"],
-         "b_max": base.rl.b_max, "summary_len": base.rl.summary_len,
+  for name, ratios in paired.items():
+    print(f"{name} over {first}: step {res[name]['seconds/step'] / res[first]['seconds/step']:.2f}"
+          f"x (per step pair: {', '.join(f'{r:.2f}' for r in ratios)}), update "
+          f"{res[name]['seconds/update'] / res[first]['seconds/update']:.2f}x")
+  out = {"runs": names, "step_s": {n: res[n]["seconds/step"] for n in names},
+         "update_s": {n: res[n]["seconds/update"] for n in names},
+         "step_time_over_first": {n: res[n]["seconds/step"] / res[first]["seconds/step"]
+                                  for n in names[1:]},
+         "paired_ratios": paired, "b_max": base.rl.b_max, "summary_len": base.rl.summary_len,
          "think_to_budget": args.think_to_budget}
+  if names == ["grpo", "ar_uniform"]:
+    out["ar_over_grpo_step_time"] = out["step_time_over_first"]["ar_uniform"]
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({**out, "runs": res}, f, indent=1)
+      json.dump({**out, "phases": res}, f, indent=1)
   print(json.dumps(out))
 
 
