@@ -27,6 +27,7 @@ Also printed: the KV-cache bytes per row and how many rows fit in 80 GB beside t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -190,6 +191,14 @@ def kv_cache_report(cfg, prompt_len: int, b_max: int, state_gb_1dev: float, hbm_
               rows_needed=64 * 8)
 
 
+def at_shape(ec: run_config.ExperimentConfig, prompt_len: int,
+             b_max: int) -> run_config.ExperimentConfig:
+  """The run `ec` with prompts of `prompt_len` and thinkings of `b_max`."""
+  return dataclasses.replace(
+      ec, model=dataclasses.replace(ec.model, max_prompt_len=prompt_len),
+      rl=dataclasses.replace(ec.rl, b_max=b_max))
+
+
 def ragged_report(cfg, ec: run_config.ExperimentConfig, mesh, args, b_max: int):
   """The one-device update at the full packed width T and at the next narrower widths of
   `--pack_buckets` (brpo.train.packing.bucket_widths): the memory a step whose longest row fits
@@ -199,10 +208,7 @@ def ragged_report(cfg, ec: run_config.ExperimentConfig, mesh, args, b_max: int):
   m, a, s = rl.n_budgets, rl.n_summaries, rl.summary_len
   t, trunk, c, w = packed_shape(args.prompt_len, b_max, m, a, s, args.n_insert)
   widths = pk.bucket_widths(t, rl.pack_buckets, cfg.attention_block)[::-1][:args.ragged + 1]
-  ec_b = run_config.ExperimentConfig(
-      model=run_config.ModelSpec(**{**ec.model.__dict__, "max_prompt_len": args.prompt_len}),
-      rl=run_config.RLConfig(**{**rl.__dict__, "b_max": b_max}), optim=ec.optim,
-      run=ec.run, data=ec.data, eval=ec.eval)
+  ec_b = at_shape(ec, args.prompt_len, b_max)
   rows, out = [], {}
   for width in widths:
     r = update_memory(cfg, ec_b, mesh, args.rows_per_device, width, trunk, c, w)
@@ -270,10 +276,7 @@ def main(argv=None):
   for b_max in budgets:
     t, trunk, c, w = packed_shape(args.prompt_len, b_max, m, a, s, args.n_insert)
     for name, mesh in meshes.items():
-      ec_b = run_config.ExperimentConfig(
-          model=run_config.ModelSpec(**{**ec.model.__dict__, "max_prompt_len": args.prompt_len}),
-          rl=run_config.RLConfig(**{**rl.__dict__, "b_max": b_max}), optim=ec.optim,
-          run=ec.run, data=ec.data, eval=ec.eval)
+      ec_b = at_shape(ec, args.prompt_len, b_max)
       r = update_memory(cfg, ec_b, mesh, args.rows_per_device, t, trunk, c, w)
       details[f"b{b_max}_{name}"] = r
       print(f"b_max={b_max:5d} T={t:6d} {name:>6}: {r['peak_gb']:6.2f} GB per device "

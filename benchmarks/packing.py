@@ -225,8 +225,7 @@ def main():
   packed = pk.pack(ro, adv_t, adv_s)
   plain = pk.unpack(ro, adv_t, adv_s)
   needed = int(np.asarray(pk.live_slots(packed)).max())
-  ragged = pk.compact(packed, pk.bucket_width(needed, packed.tokens.shape[1], args.pack_buckets,
-                                               cfg.attention_block))
+  ragged = pk.ragged(packed, args.pack_buckets, cfg.attention_block)
   repeats = 1 if args.quick else 2
   # The same Dr. GRPO constant for all, so the losses are the same number.
   max_len = packed.response_len

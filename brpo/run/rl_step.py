@@ -153,10 +153,7 @@ def rl_step(state: TrainState, prompts: Sequence[Sequence[int]], references: Seq
   # Placed like the rollout's rows (every process holds the same advantages).
   put = (lambda x: _put_rows(x, ctx.mesh)) if ctx.mesh is not None else jnp.asarray
   batch = packing.pack(ro, put(think_adv), put(summ_adv), summary_train=put(summ_train))
-  if rl.pack_buckets > 1:  # ragged rows: only as wide as the step's longest
-    needed = int(rows_lib.fetch(jnp.max(packing.live_slots(batch))))
-    batch = packing.compact(batch, packing.bucket_width(
-        needed, batch.tokens.shape[1], rl.pack_buckets, ctx.cfg.attention_block))
+  batch = packing.ragged(batch, rl.pack_buckets, ctx.cfg.attention_block)  # step's longest row
   rows_per_mb = rl.mini_batch_prompts * g
   logp_gap = None
   if rl.old_logp == "recompute":  # SPEC §7: the trainer's own log-probs before the update.

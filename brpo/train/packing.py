@@ -26,6 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from brpo import rows as rows_lib
 from brpo.core import advantages as adv_lib
 from brpo.core import budgets as budgets_lib
 from brpo.rollout.anytime import AnytimeRollout
@@ -65,9 +66,8 @@ class PackedBatch:
   n_branches: int = flax.struct.field(pytree_node=False, default=0)
   branch_width: int = flax.struct.field(pytree_node=False, default=0)
   # Slots after trunk_len + n_branches * branch_width are padding (up to `padded_length`).
-  # ragged: `compact` moved the branches next to each row's last live slot and cut the rows to a
-  # narrower width; the layout fields above then describe the uncompacted rows (response_len).
-  ragged: bool = flax.struct.field(pytree_node=False, default=False)
+  # After `compact` the slots no longer follow this layout; the fields keep the fixed layout's
+  # values, for `response_len`.
 
   @property
   def response_len(self) -> int:
@@ -207,7 +207,16 @@ def compact(batch: PackedBatch, width: int) -> PackedBatch:
   take = lambda x: jnp.take_along_axis(x, order, axis=1)
   fields = ("tokens", "positions", "branch", "limit", "loss_mask", "old_logp", "advantages",
             "is_summary")
-  return batch.replace(ragged=True, **{f: take(getattr(batch, f)) for f in fields})
+  return batch.replace(**{f: take(getattr(batch, f)) for f in fields})
+
+
+def ragged(batch: PackedBatch, n_buckets: int, block: int = BLOCK) -> PackedBatch:
+  """`compact` to the narrowest of `bucket_widths(T, n_buckets, block)` that holds every row (one
+  host fetch of the longest row, global over processes); n_buckets=1: the batch as it is."""
+  if n_buckets <= 1:
+    return batch
+  needed = int(rows_lib.fetch(jnp.max(live_slots(batch))))
+  return compact(batch, bucket_width(needed, batch.tokens.shape[1], n_buckets, block))
 
 
 def token_logprobs(params, cfg: ModelConfig, batch: PackedBatch, temperature: float = 1.0,
