@@ -1,19 +1,20 @@
 """One decode step's attention over a filled KV cache: the cache layout the sampler uses against
-two blocked layouts (a measurement for the next layout change, not a code path of the project).
+the slots-major layout it had before and two blocked layouts (measurements for layout changes).
 
   python -m benchmarks.attention_layouts [--model=tiny|smollm2-135m|qwen2.5-1.5b] [--batch=128]
       [--slots=1024] [--filled=0] [--blocks=64,128,256] [--platform=cpu|gpu|..]
 
-Baseline: `models.attention.decode_attention` on the sampler's [B, S, K, Dh] cache (blocks of
-256 slots, its default, read up to the filled length; also timed at each --blocks size). Its
-score and value einsums batch over (row, kv head), so every block read is first transposed to
-[B, K, bs, Dh]. The alternatives store the cache
-already in blocks, [nb, B, K, bs, Dh] ("block-major") or [B, nb, K, bs, Dh] ("row-major"), and
-run the same filled-only online softmax over whole blocks, without the transpose. Every
-alternative's output is checked against the baseline before it is timed. Times are the best of
---repeats calls of one layer's attention, in milliseconds; speedups are over the baseline. The
-last line is one JSON object (`blocked_over_best_sampler`: the best blocked layout against the
-sampler's layout at its best block size).
+Baseline: `models.attention.decode_attention` on the sampler's heads-major [B, K, S, Dh] cache
+(blocks of 256 slots, its default, read up to the filled length; also timed at each --blocks
+size): a block read is [B, K, bs, Dh], already the layout of its (row, kv head)-batched score and
+value matmuls. The alternatives run the same filled-only online softmax on the slots-major
+[B, S, K, Dh] cache (the sampler's layout before 2026-12-06, whose every block read is first
+transposed to [B, K, bs, Dh]), and on caches stored in blocks, [nb, B, K, bs, Dh]
+("block-major") or [B, nb, K, bs, Dh] ("row-major"). Every alternative's output is checked
+against the baseline before it is timed. Times are the best of --repeats calls of one layer's
+attention, in milliseconds; speedups are over the baseline. The last line is one JSON object
+(`slots_major_over_sampler`: the slots-major layout's best time over the sampler's best;
+`blocked_over_best_sampler`: the best blocked layout against the sampler's best).
 """
 
 from __future__ import annotations
@@ -32,6 +33,35 @@ import numpy as np  # noqa: E402
 from models import attention as attn  # noqa: E402
 from models import config as config_lib  # noqa: E402
 from models.decoder import NEG_INF  # noqa: E402
+
+
+def slots_major_attention(q, k, v, filled, *, block: int):
+  """q [B, 1, H, Dh]; k, v [B, S, K, Dh]; slots < filled visible -> [B, 1, H, Dh]. The
+  online softmax of `decode_attention` on the slots-major cache: each block read, [B, bs, K, Dh],
+  is contracted over (row, kv head) batches, which XLA does by transposing it first."""
+  b, _, h, dh = q.shape
+  kh, bs = k.shape[2], block
+  g = h // kh
+  qg = q.reshape(b, kh, g, dh).astype(jnp.float32)
+
+  def body(c):
+    j, m, l, acc = c
+    k_j = jax.lax.dynamic_slice_in_dim(k, j * bs, bs, axis=1)  # [B, bs, K, Dh]
+    v_j = jax.lax.dynamic_slice_in_dim(v, j * bs, bs, axis=1)
+    s = jnp.einsum("bkgd,btkd->bkgt", qg, k_j, preferred_element_type=jnp.float32) * dh ** -0.5
+    s = jnp.where(j * bs + jnp.arange(bs) < filled, s, NEG_INF)
+    m_new = jnp.maximum(m, jnp.max(s, -1))
+    p = jnp.exp(s - m_new[..., None])
+    alpha = jnp.exp(m - m_new)
+    acc = alpha[..., None] * acc + jnp.einsum("bkgt,btkd->bkgd", p, v_j,
+                                              preferred_element_type=jnp.float32)
+    return j + 1, m_new, alpha * l + jnp.sum(p, -1), acc
+
+  n = -(-filled // bs)
+  init = (jnp.int32(0), jnp.full((b, kh, g), NEG_INF, jnp.float32),
+          jnp.zeros((b, kh, g), jnp.float32), jnp.zeros((b, kh, g, dh), jnp.float32))
+  _, _, l, acc = jax.lax.while_loop(lambda c: c[0] < n, body, init)
+  return (acc / l[..., None]).reshape(b, 1, h, dh).astype(q.dtype)
 
 
 def blocked_attention(q, kb, vb, filled, *, row_major: bool):
@@ -102,36 +132,48 @@ def main():
       raise SystemExit(f"--blocks: {bs} does not divide --slots={s}")
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.standard_normal((b, 1, h, dh)), jnp.float32)
-  k = jnp.asarray(rng.standard_normal((b, s, kh, dh)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((b, s, kh, dh)), jnp.float32)  # slots-major
   v = jnp.asarray(rng.standard_normal((b, s, kh, dh)), jnp.float32)
+  kc, vc = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # the sampler's [B, K, S, Dh]
   kv_mb = 2 * b * filled * kh * dh * 4 / 1e6
   print(f"{args.model}: batch {b}, {s} slots ({filled} filled), {kh} kv heads x {h // kh} "
         f"queries, head_dim {dh}; float32 keys and values read: {kv_mb:.0f} MB per layer")
+  sampler_name = "[B, K, S, Dh] (sampler)"
   base = jax.jit(lambda q, k, v: attn.decode_attention(q, k, v, 0, filled, block=256))
-  want = np.asarray(base(q, k, v))
-  t_base = best_ms(lambda: base(q, k, v), args.repeats)
-  rows = [("[B, S, K, Dh] (sampler)", 256, t_base)]
+  want = np.asarray(base(q, kc, vc))
+  t_base = best_ms(lambda: base(q, kc, vc), args.repeats)
+  rows = [(sampler_name, 256, t_base)]
+
+  def timed(name, bs, fn, *xs):
+    np.testing.assert_allclose(np.asarray(fn(q, *xs)), want, rtol=2e-4, atol=2e-5)
+    rows.append((name, bs, best_ms(lambda: fn(q, *xs), args.repeats)))
+
   for bs in blocks:
     if bs != 256:
-      fn = jax.jit(lambda q, k, v, bs=bs: attn.decode_attention(q, k, v, 0, filled, block=bs))
-      np.testing.assert_allclose(np.asarray(fn(q, k, v)), want, rtol=2e-4, atol=2e-5)
-      rows.append(("[B, S, K, Dh] (sampler)", bs, best_ms(lambda: fn(q, k, v), args.repeats)))
+      timed(sampler_name, bs, jax.jit(
+          lambda q, k, v, bs=bs: attn.decode_attention(q, k, v, 0, filled, block=bs)), kc, vc)
+  for bs in sorted(x for x in set(blocks) | {256} if s % x == 0):
+    timed("[B, S, K, Dh] (slots-major)", bs, jax.jit(
+        lambda q, k, v, bs=bs: slots_major_attention(q, k, v, filled, block=bs)), k, v)
   for row_major in (False, True):
     fn = jax.jit(lambda q, kb, vb, rm=row_major: blocked_attention(q, kb, vb, filled,
                                                                     row_major=rm))
     for bs in blocks:
-      kb, vb = to_blocks(k, bs, row_major), to_blocks(v, bs, row_major)
-      np.testing.assert_allclose(np.asarray(fn(q, kb, vb)), want, rtol=2e-4, atol=2e-5)
-      name = "[B, nb, K, bs, Dh]" if row_major else "[nb, B, K, bs, Dh]"
-      rows.append((name, bs, best_ms(lambda: fn(q, kb, vb), args.repeats)))
-  print(f"{'layout':>24} {'block':>5} {'ms':>7} {'GB/s':>6} {'speedup':>7}")
+      timed("[B, nb, K, bs, Dh]" if row_major else "[nb, B, K, bs, Dh]", bs, fn,
+            to_blocks(k, bs, row_major), to_blocks(v, bs, row_major))
+  print(f"{'layout':>28} {'block':>5} {'ms':>7} {'GB/s':>6} {'speedup':>7}")
   for name, bs, t in rows:
-    print(f"{name:>24} {bs:5d} {t:7.2f} {kv_mb / t:6.1f} {t_base / t:7.2f}")
-  sampler = min((r for r in rows if r[0].endswith("(sampler)")), key=lambda r: r[2])
-  blocked = min((r for r in rows if not r[0].endswith("(sampler)")), key=lambda r: r[2])
+    print(f"{name:>28} {bs:5d} {t:7.2f} {kv_mb / t:6.1f} {t_base / t:7.2f}")
+  best = lambda pred: min((r for r in rows if pred(r[0])), key=lambda r: r[2])
+  sampler = best(lambda n: n == sampler_name)
+  slots_major = best(lambda n: n.endswith("(slots-major)"))
+  blocked = best(lambda n: "nb" in n)
   print(json.dumps({"model": args.model, "batch": b, "slots": s, "filled": filled,
                     "sampler_ms": t_base, "sampler_best_block": sampler[1],
-                    "sampler_best_ms": sampler[2], "blocked_best_layout": blocked[0],
+                    "sampler_best_ms": sampler[2], "slots_major_best_block": slots_major[1],
+                    "slots_major_best_ms": slots_major[2],
+                    "slots_major_over_sampler": slots_major[2] / sampler[2],
+                    "blocked_best_layout": blocked[0],
                     "blocked_best_block": blocked[1], "blocked_best_ms": blocked[2],
                     "blocked_over_best_sampler": sampler[2] / blocked[2]}))
 

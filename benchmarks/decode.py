@@ -4,6 +4,7 @@ shared-cache summary phase against re-prefilling every cut context.
 
   python -m benchmarks.decode [--quick] [--platform cpu] [--model smollm2-gguf] [--batch 32]
       [--prompt_len 32] [--new_tokens 64] [--dtype float32] [--rounds 3] [--out decode.json]
+      [--profile DIR]
 
 Prints tables; the last line is one JSON object with decode_speedup_vs_hf (eager and static),
 roofline_fraction, compaction_speedup, summary_speedup_vs_reprefill and summary_peak_mem_ratio
@@ -12,6 +13,11 @@ one's best time counts, so that a machine that changes speed during the run does
 ratio. Roofline: per decode step the parameters and the KV cache at the
 mean filled length are read once; their bytes over the step time, divided by the memory
 bandwidth measured here (a jitted reduction over a 512 MB array; on accelerators the same).
+`roofline_fraction` charges the whole call, prefill included, to the new tokens;
+`loop_roofline_fraction` (ours) and `hf_loop_roofline_fraction` count the decode loop alone: each
+engine is also timed on the prompt with one new token (its prefill), and the loop's step time is
+(end to end - that) / (new tokens - 1). `--profile DIR` adds a `jax.profiler` trace of our decode
+loop and a table of its XLA op kinds by thread time per step.
 
 A decode step also has FLOPs: 2 per parameter per row (plus attention over the filled keys). At
 batch B in float32 that is B / 2 FLOPs per parameter byte; where the machine's matmul peak
@@ -48,6 +54,8 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and co
 flags.DEFINE_bool("hf", True, "measure transformers generate in the same run")
 flags.DEFINE_bool("summary", True, "measure the summary phase against re-prefill")
 flags.DEFINE_integer("compact_every", 16, "decode steps between compactions")
+flags.DEFINE_string("profile", "", "also trace our decode loop with jax.profiler into this "
+                    "folder and print its XLA op kinds by time per step")
 flags.DEFINE_integer("rounds", 3, "decode throughput: rounds of timing every engine in turn (the "
                      "best time of each counts)")
 
@@ -136,24 +144,28 @@ def _best_in_turn(fns: dict, rounds: int) -> dict[str, float]:
 
 def decode_throughput(batch: int, new_tokens: int, prompt_len: int, rounds: int, params, cfg,
                       hf_model, bandwidth: float, peak_flops: float) -> dict[str, float]:
+  """Each engine end to end (prefill, then new_tokens greedy tokens), and each one's prefill
+  with its first token alone (`*_first`): the difference is the decode loop of new_tokens - 1
+  steps, whose own roofline fraction is `*_loop_roofline`."""
   prompts = _prompts(batch, prompt_len, cfg.vocab_size)
 
-  def ours():
-    out = smp.sample(params, cfg, prompts, new_tokens, smp.Greedy(), pad_id=0)
+  def ours(n=new_tokens):
+    out = smp.sample(params, cfg, prompts, n, smp.Greedy(), pad_id=0)
     out.tokens.block_until_ready()
 
-  engines = {"ours": ours}
+  engines = {"ours": ours, "ours_first": lambda: ours(1)}
   if hf_model is not None:
     import torch
 
     ids = torch.tensor(prompts)
     attn = torch.ones_like(ids)
     for name, extra in [("hf", {}), ("hf_static", {"cache_implementation": "static"})]:
-      def theirs(extra=extra):
+      def theirs(extra=extra, n=new_tokens):
         with torch.no_grad():
-          hf_model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new_tokens,
-                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
+          hf_model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n,
+                            min_new_tokens=n, do_sample=False, pad_token_id=0, **extra)
       engines[name] = theirs
+      engines[name + "_first"] = lambda theirs=theirs: theirs(n=1)
   times = _best_in_turn(engines, rounds)
   t_ours = times["ours"]
   tokens = batch * new_tokens
@@ -169,13 +181,61 @@ def decode_throughput(batch: int, new_tokens: int, prompt_len: int, rounds: int,
        "step_gflop": flops / 1e9, "step_mb": per_step / 2 ** 20,
        "memory_roofline_cap": t_mem / max(t_mem, t_flop),
        "matmul_floor_s": floor, "floor_fraction": floor * new_tokens / t_ours}
-  for name in ("hf", "hf_static"):
-    if name in times:
-      t = times[name]
+  for name in ("ours", "hf", "hf_static"):
+    if name not in times:
+      continue
+    t, first = times[name], times[name + "_first"]
+    r[f"{name}_first_s"] = first
+    loop = max(t - first, 1e-9) / max(new_tokens - 1, 1)  # seconds per decode-loop step
+    r[f"{name}_loop_step_s"] = loop
+    r[f"{name}_loop_roofline"] = per_step / loop / bandwidth
+    if name != "ours":
       r[f"{name}_tok_s"], r[f"{name}_s"] = tokens / t, t
       r[f"{name}_roofline"] = per_step * new_tokens / t / bandwidth
       r[f"{name}_compute_fraction"] = flops * new_tokens / t / peak_flops
+  r["loop_floor_fraction"] = floor / r["ours_loop_step_s"]
   return r
+
+
+def profile_decode(params, cfg, batch: int, prompt_len: int, new_tokens: int, out_dir: str,
+                   top: int = 12) -> list[tuple[str, float, float]]:
+  """A `jax.profiler` trace of our decode loop (after its prefill) -> the `top` kinds of XLA
+  op by thread time: (kind, ms per step summed over threads, calls per step). A kind is an op
+  name without its numeric suffix (`transpose_copy_fusion.7` -> `transpose_copy_fusion`)."""
+  import glob
+  import gzip
+  import re
+  from collections import Counter
+
+  prompts = _prompts(batch, prompt_len, cfg.vocab_size)
+  tokens, valid = smp.pad_prompts(prompts, 0)
+  stops = smp.stop_array([[-2]])
+  kw = dict(strategy=smp.Greedy(), pad_id=0)
+  pre = lambda: smp.prefill_jit(params, cfg, tokens, valid, stops, jax.random.PRNGKey(0),
+                                n_new=new_tokens, **kw)
+  loop = lambda s: smp.decode_jit(params, cfg, s, stops, write_last=False, **kw)
+  jax.block_until_ready(loop(pre()))  # compile both
+  state = jax.block_until_ready(pre())
+  jax.profiler.start_trace(out_dir, create_perfetto_trace=True)
+  jax.block_until_ready(loop(state))
+  jax.profiler.stop_trace()
+  traces = sorted(glob.glob(os.path.join(out_dir, "plugins", "profile", "*", "*.trace.json.gz")),
+                  key=os.path.getmtime)
+  if not traces:
+    raise SystemExit(f"--profile={out_dir}: the profiler wrote no *.trace.json.gz there")
+  with gzip.open(traces[-1]) as f:
+    events = json.load(f)["traceEvents"]
+  ms, calls = Counter(), Counter()
+  for e in events:
+    name = e.get("name", "")
+    # XLA's ops; not the executor, the thread pool, the Python frames or the end markers.
+    if e.get("ph") != "X" or "::" in name or name.startswith(("$", "end:")) or "(" in name:
+      continue
+    kind = re.sub(r"[.\d]+$", "", name)
+    ms[kind] += e["dur"] / 1e3
+    calls[kind] += 1
+  steps = new_tokens - 1
+  return [(k, v / steps, calls[k] / steps) for k, v in ms.most_common(top)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,13 +395,30 @@ def main(argv):
         f"{r['memory_roofline_cap']:.2f}; the step's matmuls alone take {r['matmul_floor_s'] * 1e3:.0f} "
         f"ms (memory roofline fraction {t_floor_roof(r):.2f} at that floor), ours "
         f"{r['ours_s'] / new_tokens * 1e3:.0f} ms per step")
-  print(f"{'engine':>22} {'tok/s':>9} {'roofline':>8} {'of peak':>8} {'ours / it':>9}")
-  print(f"{'ours (filled-only)':>22} {r['ours_tok_s']:9.1f} {r['roofline']:8.3f} "
-        f"{r['compute_fraction']:8.3f} {1:9.2f}")
-  for name, label in [("hf", "transformers eager"), ("hf_static", "transformers static")]:
-    if f"{name}_tok_s" in r:
-      print(f"{label:>22} {r[name + '_tok_s']:9.1f} {r[name + '_roofline']:8.3f} "
-            f"{r[name + '_compute_fraction']:8.3f} {r['ours_tok_s'] / r[name + '_tok_s']:9.2f}")
+  print(f"{'engine':>22} {'tok/s':>9} {'roofline':>8} {'of peak':>8} {'ours / it':>9} "
+        f"{'prefill s':>9} {'loop ms/step':>12} {'loop roofline':>13}")
+  for name, label in [("ours", "ours (filled-only)"), ("hf", "transformers eager"),
+                      ("hf_static", "transformers static")]:
+    if name == "ours":
+      tok_s, roof, peak_frac = r["ours_tok_s"], r["roofline"], r["compute_fraction"]
+    elif f"{name}_tok_s" in r:
+      tok_s, roof, peak_frac = (r[name + "_tok_s"], r[name + "_roofline"],
+                                r[name + "_compute_fraction"])
+    else:
+      continue
+    print(f"{label:>22} {tok_s:9.1f} {roof:8.3f} {peak_frac:8.3f} {r['ours_tok_s'] / tok_s:9.2f} "
+          f"{r[name + '_first_s']:9.2f} {r[name + '_loop_step_s'] * 1e3:12.1f} "
+          f"{r[name + '_loop_roofline']:13.3f}")
+  print(f"(prefill s: the prompt and the first token alone; loop: the other {new_tokens - 1} "
+        f"steps, end to end minus that; our loop's step is {r['loop_floor_fraction']:.2f} of the "
+        f"matmul floor's time)")
+  if FLAGS.profile:
+    print(f"\nour decode loop, jax.profiler trace in {FLAGS.profile}: XLA op kinds by thread time "
+          f"(summed over threads, so more than the wall time)")
+    print(f"{'op kind':>40} {'ms/step':>8} {'calls/step':>10}")
+    for kind, ms, calls in profile_decode(params, cfg, FLAGS.batch, FLAGS.prompt_len, new_tokens,
+                                          FLAGS.profile):
+      print(f"{kind[:40]:>40} {ms:8.2f} {calls:10.1f}")
   del hf
   c = compaction(params, cfg, FLAGS.batch, FLAGS.prompt_len, 2 * new_tokens,
                  FLAGS.compact_every, repeats)
@@ -352,6 +429,7 @@ def main(argv):
   print(f"{'one loop tok/s':>14} {'compacted tok/s':>15} {'speedup':>7}")
   print(f"{c['one_loop_tok_s']:14.1f} {c['compact_tok_s']:15.1f} {c['speedup']:7.2f}")
   summary = {"decode_tok_s": r["ours_tok_s"], "roofline_fraction": r["roofline"],
+             "loop_roofline_fraction": r["ours_loop_roofline"],
              "memory_roofline_cap": r["memory_roofline_cap"],
              "compute_fraction": r["compute_fraction"], "floor_fraction": r["floor_fraction"],
              "compaction_speedup": c["speedup"]}
@@ -359,6 +437,7 @@ def main(argv):
     summary["decode_speedup_vs_hf"] = r["ours_tok_s"] / r["hf_tok_s"]
     summary["decode_speedup_vs_hf_static"] = r["ours_tok_s"] / r["hf_static_tok_s"]
     summary["hf_roofline_fraction"] = r["hf_roofline"]
+    summary["hf_loop_roofline_fraction"] = r["hf_loop_roofline"]
   if FLAGS.summary:
     tiny = config_lib.get_config("tiny", vocab_size=512)
     tiny_params = dec.init_params(tiny, jax.random.PRNGKey(0))

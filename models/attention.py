@@ -310,23 +310,25 @@ def decode_attention(q, k_cache, v_cache, start, filled, *, query_slot=None, blo
                      return_lse: bool = False):
   """Attention of a few new queries over the filled part of a static KV cache.
 
-  q: [B, T, H, Dh] (T small); k_cache, v_cache: [B, S, K, Dh]; start: [B] or scalar int, first
-  visible slot of each row; filled: [B] or scalar int, visible slots are < filled;
-  query_slot: optional [B, T] or [T] int, additionally slot <= query_slot (causal among several
-  new tokens). Only cache blocks [min start // block, ceil(max filled / block)) are read, by a
-  `lax.while_loop`; shapes stay static. Returns [B, T, H, Dh] in q's dtype (0 for a query that
-  sees nothing), and with return_lse its float32 logsumexp [B, T, H] (NEG_INF where empty), so
-  partial results over other key sets can be merged with `merge_partials`.
+  q: [B, T, H, Dh] (T small); k_cache, v_cache: [B, K, S, Dh] (`models.decoder.KVCache`'s
+  layout: a block of slots is read as [B, K, block, Dh], the layout of the (row, kv head)-batched
+  score and value matmuls, so no block is transposed); start: [B] or scalar int, first visible
+  slot of each row; filled: [B] or scalar int, visible slots are < filled; query_slot: optional
+  [B, T] or [T] int, additionally slot <= query_slot (causal among several new tokens). Only
+  cache blocks [min start // block, ceil(max filled / block)) are read, by a `lax.while_loop`;
+  shapes stay static. Returns [B, T, H, Dh] in q's dtype (0 for a query that sees nothing), and
+  with return_lse its float32 logsumexp [B, T, H] (NEG_INF where empty), so partial results over
+  other key sets can be merged with `merge_partials`.
   """
   b, t, h, dh = q.shape
-  s_len, kh = k_cache.shape[1], k_cache.shape[2]
+  kh, s_len = k_cache.shape[1], k_cache.shape[2]
   g = h // kh
   bs = min(block, s_len)
   scale = dh ** -0.5
   start = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (b,))
   filled = jnp.broadcast_to(jnp.asarray(filled, jnp.int32), (b,))
   qs = None if query_slot is None else jnp.broadcast_to(jnp.asarray(query_slot, jnp.int32), (b, t))
-  qg = q.reshape(b, t, kh, g, dh)
+  qg = jnp.moveaxis(q.reshape(b, t, kh, g, dh), 1, 3)  # [B, K, G, T, Dh]
   j_lo = jnp.min(start) // bs
   j_hi = jnp.minimum(-(-jnp.max(filled) // bs), -(-s_len // bs))
 
@@ -334,22 +336,22 @@ def decode_attention(q, k_cache, v_cache, start, filled, *, query_slot=None, blo
     j, m, l, acc = carry
     lo = j * bs
     off = jnp.minimum(lo, s_len - bs)  # last partial block: slide back, mask the overlap
-    k_j = jax.lax.dynamic_slice_in_dim(k_cache, off, bs, axis=1)
-    v_j = jax.lax.dynamic_slice_in_dim(v_cache, off, bs, axis=1)
+    k_j = jax.lax.dynamic_slice_in_dim(k_cache, off, bs, axis=2)  # [B, K, bs, Dh]
+    v_j = jax.lax.dynamic_slice_in_dim(v_cache, off, bs, axis=2)
     slot = off + jnp.arange(bs)
     vis = (slot >= lo)[None] & (slot[None] >= start[:, None]) & (slot[None] < filled[:, None])
     vis = jnp.broadcast_to(vis[:, None, :], (b, t, bs))
     if qs is not None:
       vis = vis & (slot[None, None] <= qs[:, :, None])
     vis = vis[:, None, None]  # [B,1,1,T,bs]
-    s = jnp.einsum("bqkgd,btkd->bkgqt", qg, k_j, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("bkgqd,bktd->bkgqt", qg, k_j, preferred_element_type=jnp.float32) * scale
     s = jnp.where(vis, s, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s, -1))
     p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
     alpha = jnp.exp(m - m_new)
     l = alpha * l + jnp.sum(p, -1)
     acc = alpha[..., None] * acc + jnp.einsum(
-        "bkgqt,btkd->bkgqd", p.astype(v_cache.dtype), v_j, preferred_element_type=jnp.float32)
+        "bkgqt,bktd->bkgqd", p.astype(v_cache.dtype), v_j, preferred_element_type=jnp.float32)
     return j + 1, m_new, l, acc
 
   init = (j_lo, jnp.full((b, kh, g, t), NEG_INF, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),

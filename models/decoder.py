@@ -172,19 +172,21 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, mask):
 
 
 # ---------------------------------------------------------------------------------------------
-# KV cache: static shape, one [B, S, K, Dh] buffer per layer for keys and for values. With
+# KV cache: static shape, one [B, K, S, Dh] buffer per layer for keys and for values (heads
+# before slots: a block of slots read by the decode attention is then already laid out as the
+# (row, kv head)-batched matmuls want it, with no transpose per layer and step). With
 # cfg.scan_layers, `decoder` stacks these per-layer buffers for its scan and splits them after
 # (a copy per call): right for a prefill, wasteful in a long decode loop.
 
 
 @flax.struct.dataclass
 class KVCache:
-  k: tuple[jax.Array, ...]  # L x [B, S, K, Dh]
+  k: tuple[jax.Array, ...]  # L x [B, K, S, Dh]
   v: tuple[jax.Array, ...]
 
   @property
   def length(self) -> int:
-    return self.k[0].shape[1]
+    return self.k[0].shape[2]
 
   @property
   def batch(self) -> int:
@@ -193,13 +195,21 @@ class KVCache:
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
   zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
   return KVCache(k=zeros(), v=zeros())
 
 
-def _write(buf, new, index):
-  return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1)
+def write_cache(buf, new, index):
+  """Writes new keys or values [B, T, K, Dh] into a cache buffer [B, K, S, Dh] at slots
+  [index, index + T) (index: a scalar, traced or not)."""
+  new = jnp.swapaxes(new, 1, 2).astype(buf.dtype)
+  return jax.lax.dynamic_update_slice_in_dim(buf, new, index, axis=2)
+
+
+def cache_slots(buf):
+  """A cache buffer [B, K, S, Dh] as [B, S, K, Dh] (the layout of `attention`'s keys)."""
+  return jnp.swapaxes(buf, 1, 2)
 
 
 def prefill(params: Params, cfg: ModelConfig, tokens, positions, mask, cache: KVCache,
@@ -212,7 +222,7 @@ def prefill(params: Params, cfg: ModelConfig, tokens, positions, mask, cache: KV
   """
 
   def attend(q, k, v, kv):
-    return attention(q, k, v, mask), (_write(kv[0], k, index), _write(kv[1], v, index))
+    return attention(q, k, v, mask), (write_cache(kv[0], k, index), write_cache(kv[1], v, index))
 
   h, states = decoder(params, cfg, tokens, positions, attend, list(zip(cache.k, cache.v)),
                       mesh=mesh)
@@ -222,7 +232,8 @@ def prefill(params: Params, cfg: ModelConfig, tokens, positions, mask, cache: KV
 
 def decode_step(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache, index,
                 kv_mask, mesh=None):
-  """Writes T new tokens at cache slots [index, index + T) and attends over the whole cache.
+  """Writes T new tokens at cache slots [index, index + T) and attends over the whole cache (the
+  dense reference of the sampler's filled-only decode step).
 
   tokens, positions: [B, T] (T = 1 for ordinary decoding); kv_mask: [B, T, S] bool over cache
   slots (the caller decides what is visible, e.g. slots >= row start and <= index).
@@ -230,8 +241,8 @@ def decode_step(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCa
   """
 
   def attend(q, k, v, kv):
-    ck, cv = _write(kv[0], k, index), _write(kv[1], v, index)
-    return attention(q, ck, cv, kv_mask), (ck, cv)
+    ck, cv = write_cache(kv[0], k, index), write_cache(kv[1], v, index)
+    return attention(q, cache_slots(ck), cache_slots(cv), kv_mask), (ck, cv)
 
   h, states = decoder(params, cfg, tokens, positions, attend, list(zip(cache.k, cache.v)),
                       mesh=mesh)

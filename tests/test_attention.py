@@ -224,6 +224,11 @@ def test_decoder_layer_stack_with_blockwise_attention():
 # Decode.
 
 
+def heads_major(x):
+  """Keys or values [B, S, K, Dh] (dec.attention's layout) -> the cache's [B, K, S, Dh]."""
+  return jnp.swapaxes(x, 1, 2)
+
+
 @pytest.mark.parametrize("s_len", [64, 50])
 def test_decode_attention_filled_lengths(s_len):
   """Visible slots [start, filled); block 16 so 16, 32, 48, 64 are block boundaries; S = 64 and
@@ -234,7 +239,8 @@ def test_decode_attention_filled_lengths(s_len):
   def both(q, kc, vc, start, f):
     slots = jnp.arange(s_len)
     mask = ((slots[None] >= start[:, None]) & (slots[None] < f))[:, None, :]
-    return attn.decode_attention(q, kc, vc, start, f, block=16), dec.attention(q, kc, vc, mask)
+    return (attn.decode_attention(q, heads_major(kc), heads_major(vc), start, f, block=16),
+            dec.attention(q, kc, vc, mask))
 
   for filled in [1, 15, 16, 17, 32, 47, 48, 50, 64]:
     f = min(filled, s_len)
@@ -247,7 +253,8 @@ def test_decode_attention_filled_lengths(s_len):
     np.testing.assert_allclose(out, ref, atol=1e-5, err_msg=f"S={s_len} filled={f}")
 
 
-DECODE = jax.jit(attn.decode_attention, static_argnames=("block", "return_lse"))
+DECODE = jax.jit(lambda q, k, v, *a, **kw: attn.decode_attention(
+    q, heads_major(k), heads_major(v), *a, **kw), static_argnames=("block", "return_lse"))
 DENSE = jax.jit(dec.attention)
 MERGE = jax.jit(attn.merge_partials)
 
@@ -292,7 +299,7 @@ def test_decode_attention_bf16():
   slots = jnp.arange(s_len)
   mask = ((slots[None] >= start[:, None]) & (slots[None] < filled))[:, None, :]
   ref = dec.attention(q, kc, vc, mask)
-  out = attn.decode_attention(q, kc, vc, start, filled, block=32)
+  out = attn.decode_attention(q, heads_major(kc), heads_major(vc), start, filled, block=32)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32), atol=3e-2)
 
@@ -328,15 +335,18 @@ def test_blockwise_fwd_bwd_memory_is_linear_at_4096():
 
 @pytest.mark.parametrize("row_major", [False, True])
 def test_attention_layouts_benchmark_computes_the_same_attention(row_major):
-  """benchmarks.attention_layouts times blocked cache layouts against decode_attention; its
-  blocked kernel must be the same attention (partly filled cache, several blocks)."""
+  """benchmarks.attention_layouts times the slots-major and blocked cache layouts against
+  decode_attention; its kernels must be the same attention (partly filled cache, several
+  blocks)."""
   from benchmarks import attention_layouts as al
   rng = np.random.default_rng(3)
   b, s, kh, h, dh, bs, filled = 3, 64, 2, 4, 8, 16, 37
   q = jnp.asarray(rng.standard_normal((b, 1, h, dh)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((b, s, kh, dh)), jnp.float32)
   v = jnp.asarray(rng.standard_normal((b, s, kh, dh)), jnp.float32)
-  want = attn.decode_attention(q, k, v, 0, filled, block=32)
+  want = attn.decode_attention(q, heads_major(k), heads_major(v), 0, filled, block=32)
+  np.testing.assert_allclose(al.slots_major_attention(q, k, v, filled, block=bs), want,
+                             rtol=1e-5, atol=1e-6)
   got = al.blocked_attention(q, al.to_blocks(k, bs, row_major), al.to_blocks(v, bs, row_major),
                              filled, row_major=row_major)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -314,7 +314,7 @@ def test_compaction_with_row_limits(params):
   np.testing.assert_allclose(comp.logprobs, one.logprobs, atol=1e-5)
   p = s1.cache.length - 11
   for r, n in enumerate(limit):
-    np.testing.assert_allclose(s2.cache.k[1][r, :p + n], s1.cache.k[1][r, :p + n], atol=1e-5)
+    np.testing.assert_allclose(s2.cache.k[1][r, :, :p + n], s1.cache.k[1][r, :, :p + n], atol=1e-5)
   assert smp.bucket_rows(3, 64) == 8 and smp.bucket_rows(9, 64) == 16 and smp.bucket_rows(9, 12) == 12
 
 
@@ -337,7 +337,7 @@ def test_sharded_rollout_equals_single_device(params, monkeypatch):
   # Row limits stand in for stops: 3 rows still run after 6 steps, so compaction (every 3 steps)
   # moves them into 4 rows, min_bucket=1 rounded up to one row per fsdp device.
   kw = dict(pad_id=0, write_last=True, return_state=True, limit=np.array([2, 10, 5, 3, 10, 4, 1, 7]))
-  cache_layout = NamedSharding(mesh, P("fsdp", None, "tensor", None))
+  cache_layout = NamedSharding(mesh, P("fsdp", "tensor", None, None))
   one, s1 = smp.sample_padded(params, CFG, tokens, valid, 10, smp.Temperature(1.0), rng=keys,
                               **kw)
   gathered = []
@@ -350,7 +350,7 @@ def test_sharded_rollout_equals_single_device(params, monkeypatch):
     np.testing.assert_array_equal(got.tokens, one.tokens)
     np.testing.assert_allclose(got.logprobs, one.logprobs, atol=1e-5)
     for r, n in enumerate(kw["limit"]):  # Slots past a row's end are never read.
-      np.testing.assert_allclose(s2.cache.v[1][r, :16 + n], s1.cache.v[1][r, :16 + n], atol=1e-5)
+      np.testing.assert_allclose(s2.cache.v[1][r, :, :16 + n], s1.cache.v[1][r, :, :16 + n], atol=1e-5)
   assert [g.lengths.shape[0] for g in gathered] == [4]
   assert gathered[0].cache.v[0].sharding.is_equivalent_to(cache_layout, 4)
   spec = at.AnytimeConfig(budgets=(4, 8, 12), group_size=2, n_summaries=2, summary_len=4)
@@ -386,3 +386,28 @@ def test_decoding_params_in_the_compute_dtype_change_nothing(params):
   abstract = params_lib.for_decoding(jax.eval_shape(lambda: stacked), cfg)[0]
   assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(
       lambda x: (x.shape, x.dtype), dparams)
+
+
+def _transposed_cache_blocks(hlo: str, shape) -> list[str]:
+  """Instructions of a compiled HLO text that make a [B, K, bs, Dh] array (a block of cache
+  slots as the attention's matmuls read it) in a transposing fusion or op."""
+  dims = "f32[" + ",".join(map(str, shape)) + "]"
+  return [line.strip()[:160] for line in hlo.splitlines()
+          if "= " + dims in line and "transpose" in line.split("=", 1)[0]]
+
+
+def test_decode_loop_reads_cache_blocks_without_transposes(params):
+  """The KV cache is heads-major ([B, K, S, Dh]): a block of slots is read in the layout of the
+  attention's (row, kv head)-batched matmuls, so the compiled decode loop copies no block
+  through a transpose (the slots-major cache of before made two per layer and step)."""
+  b, n_new = 4, 24
+  tokens, valid = smp.pad_prompts(PROMPTS, 0)
+  stops = smp.stop_array([[-2]])
+  state = smp.prefill_jit(params, CFG, tokens, valid, stops, jax.random.PRNGKey(0), n_new=n_new,
+                          strategy=smp.Greedy(), pad_id=0)
+  assert state.cache.k[0].shape == (b, CFG.n_kv_heads, tokens.shape[1] + n_new, CFG.head_dim)
+  hlo = smp.decode_jit.lower(params, CFG, state, stops, strategy=smp.Greedy(), pad_id=0,
+                             write_last=False).compile().as_text()
+  block = (b, CFG.n_kv_heads, state.cache.length, CFG.head_dim)  # one block: the whole cache
+  assert f"f32[{b},{CFG.n_kv_heads},{block[2]},{CFG.head_dim}]" in hlo
+  assert _transposed_cache_blocks(hlo, block) == []

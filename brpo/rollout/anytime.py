@@ -162,8 +162,8 @@ def branch_attention(q, k_new, v_new, trunk_k, trunk_v, trunk_mask, br_k, br_v, 
   """One decode step of C branches per row against their parent's trunk cache and their own,
   reading every trunk slot (the dense reference of `branch_attention_filled`).
 
-  q: [R, C, H, Dh]; k_new, v_new: [R, C, K, Dh]; trunk_k/v: [R, Tt, K, Dh] (read in place, never
-  copied per branch); trunk_mask: [R, C, Tt]; br_k/v: [R, C, W, K, Dh]; step: the branch slot of
+  q: [R, C, H, Dh]; k_new, v_new: [R, C, K, Dh]; trunk_k/v: [R, K, Tt, Dh] (read in place, never
+  copied per branch); trunk_mask: [R, C, Tt]; br_k/v: [R, C, K, W, Dh]; step: the branch slot of
   this token. Both score blocks go through one softmax. Returns (out [R, C, H, Dh], br_k, br_v).
   """
   r, c, h, dh = q.shape
@@ -171,24 +171,25 @@ def branch_attention(q, k_new, v_new, trunk_k, trunk_v, trunk_mask, br_k, br_v, 
   br_k, br_v = _write_branch(br_k, br_v, k_new, v_new, step)
   qg = q.reshape(r, c, kh, h // kh, dh)
   scale = dh ** -0.5
-  s_trunk = jnp.einsum("rckgd,rtkd->rckgt", qg, trunk_k,
+  s_trunk = jnp.einsum("rckgd,rktd->rckgt", qg, trunk_k,
                        preferred_element_type=jnp.float32) * scale
-  s_own = jnp.einsum("rckgd,rcskd->rckgs", qg, br_k, preferred_element_type=jnp.float32) * scale
+  s_own = jnp.einsum("rckgd,rcksd->rckgs", qg, br_k, preferred_element_type=jnp.float32) * scale
   s_trunk = jnp.where(trunk_mask[:, :, None, None, :], s_trunk, dec.NEG_INF)
-  own_mask = jnp.arange(br_k.shape[2]) <= step
+  own_mask = jnp.arange(br_k.shape[3]) <= step
   s_own = jnp.where(own_mask, s_own, dec.NEG_INF)
   p = jax.nn.softmax(jnp.concatenate([s_trunk, s_own], axis=-1), axis=-1)
-  tt = trunk_k.shape[1]
+  tt = trunk_k.shape[2]
   p_trunk, p_own = p[..., :tt].astype(trunk_v.dtype), p[..., tt:].astype(br_v.dtype)
-  o = (jnp.einsum("rckgt,rtkd->rckgd", p_trunk, trunk_v)
-       + jnp.einsum("rckgs,rcskd->rckgd", p_own, br_v))
+  o = (jnp.einsum("rckgt,rktd->rckgd", p_trunk, trunk_v)
+       + jnp.einsum("rckgs,rcksd->rckgd", p_own, br_v))
   return o.reshape(r, c, h, dh), br_k, br_v
 
 
 def _write_branch(br_k, br_v, k_new, v_new, step):
-  br_k = jax.lax.dynamic_update_slice_in_dim(br_k, k_new[:, :, None].astype(br_k.dtype), step, 2)
-  br_v = jax.lax.dynamic_update_slice_in_dim(br_v, v_new[:, :, None].astype(br_v.dtype), step, 2)
-  return br_k, br_v
+  """k_new, v_new [R, C, K, Dh] into branch slot `step` of br_k, br_v [R, C, K, W, Dh]."""
+  put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
+      buf, x[:, :, :, None].astype(buf.dtype), step, 3)
+  return put(br_k, k_new), put(br_v, v_new)
 
 
 def branch_attention_filled(q, k_new, v_new, trunk_k, trunk_v, start, trunk_end, br_k, br_v,
@@ -207,12 +208,12 @@ def branch_attention_filled(q, k_new, v_new, trunk_k, trunk_v, start, trunk_end,
   o_t, lse_t = attn.decode_attention(q, trunk_k, trunk_v, start, jnp.max(trunk_end, axis=1),
                                      query_slot=trunk_end - 1, block=block, return_lse=True)
   qg = q.reshape(r, c, kh, h // kh, dh)
-  s = jnp.einsum("rckgd,rcskd->rckgs", qg, br_k, preferred_element_type=jnp.float32)
-  s = jnp.where(jnp.arange(br_k.shape[2]) <= step, s * dh ** -0.5, dec.NEG_INF)
+  s = jnp.einsum("rckgd,rcksd->rckgs", qg, br_k, preferred_element_type=jnp.float32)
+  s = jnp.where(jnp.arange(br_k.shape[3]) <= step, s * dh ** -0.5, dec.NEG_INF)
   m = jnp.max(s, axis=-1)
   p = jnp.exp(s - m[..., None])
   l = jnp.sum(p, axis=-1)
-  o_own = jnp.einsum("rckgs,rcskd->rckgd", p.astype(br_v.dtype), br_v,
+  o_own = jnp.einsum("rckgs,rcksd->rckgd", p.astype(br_v.dtype), br_v,
                      preferred_element_type=jnp.float32) / l[..., None]
   lse_own = (m + jnp.log(l)).reshape(r, c, h)
   o = attn.merge_partials(o_t, lse_t, o_own.reshape(r, c, h, dh).astype(q.dtype), lse_own)
@@ -221,7 +222,7 @@ def branch_attention_filled(q, k_new, v_new, trunk_k, trunk_v, start, trunk_end,
 
 @flax.struct.dataclass
 class BranchState:
-  k: tuple[jax.Array, ...]  # L x [R, C, W, K, Dh]
+  k: tuple[jax.Array, ...]  # L x [R, C, K, W, Dh]
   v: tuple[jax.Array, ...]
   tokens: jax.Array  # [R, C, W] inserted tokens, then the summary
   logp: jax.Array  # [R, C, W] float32 (0 at inserted slots)
@@ -240,7 +241,7 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
   """Decodes C branches per row, each reading its parent's trunk cache up to its own cut.
 
   Args:
-    trunk: the thinking cache, [R, Tt, K, Dh] per layer; slots [P, P + b_m) hold the thinking
+    trunk: the thinking cache, [R, K, Tt, Dh] per layer; slots [P, P + b_m) hold the thinking
       (P = prompt_len). Only read: no branch copies it.
     start: [R] first valid prompt slot; n_prompt: [R] valid prompt tokens.
     cut_len: [R, C] thinking tokens the branch sees; insert: [R, C, I]; insert_len: [R, C].
@@ -266,9 +267,9 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
   if sampling.per_row(rng):
     rng = rng.reshape(r * c, *rng.shape[2:])
   dtype = trunk.k[0].dtype
-  branch_axes = (sampling.CACHE_AXES[0], None) + sampling.CACHE_AXES[1:]  # [R, C, W, K, Dh]
+  branch_axes = (sampling.CACHE_AXES[0], None) + sampling.CACHE_AXES[1:]  # [R, C, K, W, Dh]
   constrain = lambda xs: tuple(shd.constrain(x, mesh, branch_axes) for x in xs)
-  zeros = lambda: constrain(jnp.zeros((r, c, w, cfg.n_kv_heads, cfg.head_dim), dtype)
+  zeros = lambda: constrain(jnp.zeros((r, c, cfg.n_kv_heads, w, cfg.head_dim), dtype)
                             for _ in range(cfg.n_layers))
   tokens = jnp.concatenate([insert, jnp.full((r, c, summary_len), pad_id, jnp.int32)], axis=2)
   state = BranchState(k=zeros(), v=zeros(), tokens=tokens,

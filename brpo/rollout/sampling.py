@@ -35,8 +35,8 @@ from models import masks
 from models import sharding as shd
 from models.config import ModelConfig
 
-# Logical axes of a cache buffer [B, S, K, Dh] (models.sharding.ACTIVATION_RULES).
-CACHE_AXES = ("batch", None, "kv_heads", None)
+# Logical axes of a cache buffer [B, K, S, Dh] (models.sharding.ACTIVATION_RULES).
+CACHE_AXES = ("batch", "kv_heads", None, None)
 
 
 def mesh_of(x):
@@ -190,10 +190,6 @@ def prefill_jit(params, cfg: ModelConfig, prompt, valid, stops, rng, limit=None,
   return _record(state, logits, 0, strategy, stops, pad_id, n_new)
 
 
-def _write(buf, new, index):
-  return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1)
-
-
 def key_block(cfg: ModelConfig, block: int | None) -> int:
   """The decode attention's key block: `block`, or cfg.decode_block (--decode_block) if None."""
   return cfg.decode_block if block is None else block
@@ -214,7 +210,7 @@ def decode_step(params, cfg: ModelConfig, tok, pos, cache: dec.KVCache, index, s
     return logits[:, 0], constrain_cache(cache, mesh)
 
   def attend(q, k, v, kv):
-    ck, cv = _write(kv[0], k, index), _write(kv[1], v, index)
+    ck, cv = dec.write_cache(kv[0], k, index), dec.write_cache(kv[1], v, index)
     return attn.decode_attention(q, ck, cv, start, index + 1, block=key_block(cfg, block)), (ck, cv)
 
   h, states = dec.decoder(params, cfg, tok, pos, attend, list(zip(cache.k, cache.v)), mesh=mesh)
