@@ -35,25 +35,23 @@ from models import config as config_lib  # noqa: E402
 from models.decoder import NEG_INF  # noqa: E402
 
 
-def slots_major_attention(q, k, v, filled, *, block: int):
-  """q [B, 1, H, Dh]; k, v [B, S, K, Dh]; slots < filled visible -> [B, 1, H, Dh]. The
-  online softmax of `decode_attention` on the slots-major cache: each block read, [B, bs, K, Dh],
-  is contracted over (row, kv head) batches, which XLA does by transposing it first."""
+def _online_softmax(q, read, kh: int, bs: int, filled, keys: str):
+  """The filled-only online softmax of `decode_attention`, one whole block per step, blocks read
+  up to ceil(filled / bs). q [B, 1, H, Dh]; read(j) -> block j's keys and values, laid out as
+  `keys` says ("btkd": [B, bs, K, Dh], "bktd": [B, K, bs, Dh]) -> [B, 1, H, Dh]."""
   b, _, h, dh = q.shape
-  kh, bs = k.shape[2], block
   g = h // kh
   qg = q.reshape(b, kh, g, dh).astype(jnp.float32)
 
   def body(c):
     j, m, l, acc = c
-    k_j = jax.lax.dynamic_slice_in_dim(k, j * bs, bs, axis=1)  # [B, bs, K, Dh]
-    v_j = jax.lax.dynamic_slice_in_dim(v, j * bs, bs, axis=1)
-    s = jnp.einsum("bkgd,btkd->bkgt", qg, k_j, preferred_element_type=jnp.float32) * dh ** -0.5
+    k_j, v_j = read(j)
+    s = jnp.einsum(f"bkgd,{keys}->bkgt", qg, k_j, preferred_element_type=jnp.float32) * dh ** -0.5
     s = jnp.where(j * bs + jnp.arange(bs) < filled, s, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s, -1))
     p = jnp.exp(s - m_new[..., None])
     alpha = jnp.exp(m - m_new)
-    acc = alpha[..., None] * acc + jnp.einsum("bkgt,btkd->bkgd", p, v_j,
+    acc = alpha[..., None] * acc + jnp.einsum(f"bkgt,{keys}->bkgd", p, v_j,
                                               preferred_element_type=jnp.float32)
     return j + 1, m_new, alpha * l + jnp.sum(p, -1), acc
 
@@ -62,36 +60,22 @@ def slots_major_attention(q, k, v, filled, *, block: int):
           jnp.zeros((b, kh, g), jnp.float32), jnp.zeros((b, kh, g, dh), jnp.float32))
   _, _, l, acc = jax.lax.while_loop(lambda c: c[0] < n, body, init)
   return (acc / l[..., None]).reshape(b, 1, h, dh).astype(q.dtype)
+
+
+def slots_major_attention(q, k, v, filled, *, block: int):
+  """q [B, 1, H, Dh]; k, v [B, S, K, Dh]; slots < filled visible -> [B, 1, H, Dh]. Each block
+  read, [B, bs, K, Dh], is contracted over (row, kv head) batches, which XLA does by transposing
+  it first (the sampler before 2026-12-06)."""
+  read = lambda j: tuple(jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1) for x in (k, v))
+  return _online_softmax(q, read, k.shape[2], block, filled, "btkd")
 
 
 def blocked_attention(q, kb, vb, filled, *, row_major: bool):
   """q [B, 1, H, Dh]; kb, vb [B, nb, K, bs, Dh] (row_major) or [nb, B, K, bs, Dh]; slots
-  < filled visible -> [B, 1, H, Dh]. The online softmax of `decode_attention`, one whole block
-  per step, blocks read up to ceil(filled / bs)."""
-  b, _, h, dh = q.shape
-  kh, bs = kb.shape[2], kb.shape[3]
-  g = h // kh
+  < filled visible -> [B, 1, H, Dh]."""
   axis = 1 if row_major else 0
-  qg = q.reshape(b, kh, g, dh).astype(jnp.float32)
-
-  def body(c):
-    j, m, l, acc = c
-    k_j = jax.lax.dynamic_index_in_dim(kb, j, axis, keepdims=False)  # [B, K, bs, Dh]
-    v_j = jax.lax.dynamic_index_in_dim(vb, j, axis, keepdims=False)
-    s = jnp.einsum("bkgd,bktd->bkgt", qg, k_j, preferred_element_type=jnp.float32) * dh ** -0.5
-    s = jnp.where(j * bs + jnp.arange(bs) < filled, s, NEG_INF)
-    m_new = jnp.maximum(m, jnp.max(s, -1))
-    p = jnp.exp(s - m_new[..., None])
-    alpha = jnp.exp(m - m_new)
-    acc = alpha[..., None] * acc + jnp.einsum("bkgt,bktd->bkgd", p, v_j,
-                                              preferred_element_type=jnp.float32)
-    return j + 1, m_new, alpha * l + jnp.sum(p, -1), acc
-
-  n = -(-filled // bs)
-  init = (jnp.int32(0), jnp.full((b, kh, g), NEG_INF, jnp.float32),
-          jnp.zeros((b, kh, g), jnp.float32), jnp.zeros((b, kh, g, dh), jnp.float32))
-  _, _, l, acc = jax.lax.while_loop(lambda c: c[0] < n, body, init)
-  return (acc / l[..., None]).reshape(b, 1, h, dh).astype(q.dtype)
+  read = lambda j: tuple(jax.lax.dynamic_index_in_dim(x, j, axis, keepdims=False) for x in (kb, vb))
+  return _online_softmax(q, read, kb.shape[2], kb.shape[3], filled, "bktd")
 
 
 def to_blocks(cache, bs: int, row_major: bool):
