@@ -4,7 +4,7 @@
 
 The .py file, in "percent" form (`# %%` code cells, `# %% [markdown]` text cells), is the
 source; the notebook adds one install cell at the top. tests/test_quickstart.py checks that the
-committed notebook is what this writes, and runs its cells.
+committed notebook is what this writes, and runs it in a Jupyter kernel from its own folder.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ INSTALL_TAG = "install"
 INSTALL = """\
 # Colab: pick the runtime first (Runtime > Change runtime type). CPU runs the tiny model; on a
 # GPU runtime this installs jax with CUDA (the "gpu" extra), on a TPU runtime jax for TPU.
-# Set REPO to this repository's git URL. Locally, skip this cell and start Jupyter from the
-# repository root with the project installed (./run.sh does that).
+# Set REPO to this repository's git URL. Locally, skip this cell and open the notebook in Jupyter
+# with the project installed (./run.sh does that); the next cell finds the repository root.
 import os, subprocess, sys
 REPO = os.environ.get("BRPO_REPO", "")
 if "google.colab" in sys.modules and not os.path.exists("brpo"):

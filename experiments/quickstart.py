@@ -15,10 +15,26 @@
 import dataclasses
 import os
 
-# Paths in the flags are relative to the repository root: run from there (in Colab the install
-# cell below clones the repository and changes into it).
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) if "__file__" in globals() \
-    else os.getcwd()
+
+def find_root(start: str) -> str:
+  """The repository root: `start` or the nearest folder above it holding experiments/configs."""
+  here = os.path.abspath(start)
+  while not os.path.isdir(os.path.join(here, "experiments", "configs")):
+    if os.path.dirname(here) == here:
+      raise SystemExit(f"{start}: not inside the repository (no experiments/configs above it); "
+                       "start Jupyter or the script inside the repository")
+    here = os.path.dirname(here)
+  return here
+
+
+# Paths in the flags (and the flagfiles each other includes) are relative to the repository root:
+# find it from this file, or in Jupyter (no __file__) from the working directory, the notebook's
+# folder (in Colab the install cell clones the repository and changes into it), and run from there.
+OUT = os.environ.get("QUICKSTART_OUT")  # where the plot goes (default: workdir/ in the root)
+OUT = os.path.abspath(OUT) if OUT else None  # from where it was given, before the chdir
+ROOT = find_root(os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals()
+                 else os.getcwd())
+os.chdir(ROOT)
 
 import jax  # noqa: E402
 
@@ -90,10 +106,17 @@ with Grader(num_workers=1) as grader:
       summary_len=ec.rl.summary_len, temperature=ec.eval.temperature, grader=grader,
       rng=jax.random.PRNGKey(1), progress=False)
 print(evaluation.budget_table(result))
-out = os.environ.get("QUICKSTART_OUT", os.path.join(ROOT, "workdir"))
+out = OUT or os.path.join(ROOT, "workdir")
 os.makedirs(out, exist_ok=True)
 plot = evaluation.plot_accuracy({"warm start": result}, os.path.join(out, "quickstart_accuracy.png"))
 print("plot:", plot)
+try:  # In Jupyter (IPython), show it here; a plain script only prints its path.
+  from IPython import get_ipython
+  from IPython.display import Image, display
+except ImportError:
+  get_ipython = None
+if get_ipython is not None and get_ipython() is not None:
+  display(Image(filename=plot))
 
 # %% [markdown]
 # ## Next

@@ -5,7 +5,6 @@ Also train/eval deduplication and a seeded batch iterator whose position can be 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -15,26 +14,13 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from brpo.tasks.arith import task as arith
+from brpo.tasks.example import Example
+
+__all__ = ["DataIterator", "Example", "dedup_train_eval", "load_dataset", "load_file",
+           "normalize_question"]
+
 log = logging.getLogger("brpo")
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-  """One question with its reference answer.
-
-  `answer` is the reference the grader reads: for GSM8K the whole solution ending "#### N", for
-  the paper's sets the final answer. `alternatives` holds further accepted answers (the paper's
-  list answers: any one of them counts as correct).
-  """
-
-  question: str
-  answer: str
-  id: str
-  alternatives: tuple[str, ...] = ()
-
-  @property
-  def answers(self) -> tuple[str, ...]:
-    return (self.answer,) + self.alternatives
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,11 +204,9 @@ def load_dataset(spec: str, on_bad_record: str = "skip") -> list[Example]:
 
   Examples: "/data/gsm8k/test.jsonl", "anytime_eval/aime.json", "arith:train",
   "arith:test:n=200,terms=3-6,digits=2" (arith:<split>[:key=value,...], see
-  `brpo.arith.parse_spec` for the keys).
+  `brpo.tasks.arith.task.parse_spec` for the keys).
   """
   if spec.startswith("arith:"):
-    from brpo.tasks.arith import task as arith  # Imported here: arith needs this module's Example.
-
     return arith.load(spec)
   if ":" in spec.split(os.sep)[0] and not os.path.exists(spec):
     name = spec.split(":")[0]

@@ -17,7 +17,7 @@ import numpy as np
 
 from brpo.core.texts import ANSWER_MARKER as ANSWER_PREFIX
 from brpo.core.texts import CUT_TEXT
-from brpo.tasks.data import Example
+from brpo.tasks.example import Example
 from models import tokenizer as tok_lib
 
 # Pieces the tokenizer keeps whole. SentencePiece matches user pieces after turning spaces into

@@ -26,7 +26,8 @@ from etils import epath
 
 from brpo import paths
 from brpo.tasks.arith import task as arith
-from brpo.tasks.data import DataIterator, Example, dedup_train_eval
+from brpo.tasks.data import DataIterator, dedup_train_eval
+from brpo.tasks.example import Example
 from models import decoder as dec
 from models import tokenizer as tok_lib
 from models.config import RUNTIME_FIELDS, ModelConfig, get_config
