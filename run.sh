@@ -3,7 +3,8 @@
 #   ./run.sh          create .venv if missing, install, run the embedded default (tiny CPU task)
 #   ./run.sh test     install the test set too, run the test suite
 # Other targets: ./run.sh bench (benchmarks, quick), ./run.sh ablation (the evidence run of
-# docs/RESULTS.md), ./run.sh seeds (the default run over 3 seeds: the README's spread).
+# docs/RESULTS.md), ./run.sh seeds (the default run over 3 seeds), ./run.sh spread (the default
+# run under rounding perturbations: the README's figure and its range).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -41,6 +42,9 @@ install() {  # install $1 (a requirements file) once per content hash
 # README's figures come from an AVX2 machine). The YNNPACK dot fusions appear not to follow it: an
 # AVX-512 machine still ends elsewhere (README, "How far these numbers move").
 export XLA_FLAGS="--xla_cpu_max_isa=AVX2 ${XLA_FLAGS:-}"
+# The CPU wheels are what this script installs; the test set adds libtpu (XLA:TPU's compiler for
+# the ahead-of-time TPU checks), which JAX would otherwise try, and fail, to start a TPU with.
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 
 target=${1:-default}
 [ $# -gt 0 ] && shift
@@ -67,8 +71,12 @@ case "$target" in
     install requirements.txt
     exec python experiments/default_seeds.py "$@"
     ;;
+  spread)
+    install requirements.txt
+    exec python experiments/default_spread.py "$@"
+    ;;
   *)
-    echo "usage: ./run.sh [test|bench|ablation|seeds] [extra args]" >&2
+    echo "usage: ./run.sh [default|test|bench|ablation|seeds|spread] [extra args]" >&2
     exit 2
     ;;
 esac

@@ -8,11 +8,12 @@ shared-cache summary phase against re-prefilling every cut context.
 
 Prints tables; the last line is one JSON object with decode_speedup_vs_hf (eager and static),
 roofline_fraction, compaction_speedup, summary_speedup_vs_reprefill and summary_peak_mem_ratio
-(all measured in this run). The three engines are timed in turn, `--rounds` times (3), and each
-one's best time counts, so that a machine that changes speed during the run does not move their
-ratio. Roofline: per decode step the parameters and the KV cache at the
-mean filled length are read once; their bytes over the step time, divided by the memory
-bandwidth measured here (a jitted reduction over a 512 MB array; on accelerators the same).
+(all measured in this run). transformers runs where we do: on the CPU, or with --platform=gpu on
+the CUDA card when torch sees one (else it is left out). The three engines are timed in turn,
+`--rounds` times (3), and each one's best time counts, so that a machine that changes speed
+during the run does not move their ratio. Roofline: per decode step the parameters and the KV
+cache at the mean filled length are read once; their bytes over the step time, divided by the
+memory bandwidth measured here (a jitted reduction over a 512 MB array; on accelerators the same).
 `roofline_fraction` charges the whole call, prefill included, to the new tokens;
 `loop_roofline_fraction` (ours) and `hf_loop_roofline_fraction` count the decode loop alone: each
 engine is also timed on the prompt with one new token (its prefill), and the loop's step time is
@@ -113,7 +114,8 @@ def matmul_floor(params, cfg, batch: int) -> float:
 
 def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
   rng = np.random.default_rng(seed)
-  return [rng.integers(100, vocab - 100, size=length).tolist() for _ in range(batch)]
+  low = min(100, vocab // 4)  # clear of the special ids; small vocabularies (tiny: 128) too
+  return [rng.integers(low, vocab - low, size=length).tolist() for _ in range(batch)]
 
 
 def step_bytes(cfg, params, batch: int, filled: float) -> float:
@@ -157,13 +159,15 @@ def decode_throughput(batch: int, new_tokens: int, prompt_len: int, rounds: int,
   if hf_model is not None:
     import torch
 
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=hf_model.device)
     attn = torch.ones_like(ids)
     for name, extra in [("hf", {}), ("hf_static", {"cache_implementation": "static"})]:
       def theirs(extra=extra, n=new_tokens):
         with torch.no_grad():
           hf_model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n,
                             min_new_tokens=n, do_sample=False, pad_token_id=0, **extra)
+        if ids.is_cuda:
+          torch.cuda.synchronize()
       engines[name] = theirs
       engines[name + "_first"] = lambda theirs=theirs: theirs(n=1)
   times = _best_in_turn(engines, rounds)
@@ -329,6 +333,15 @@ def summary_phase(params, cfg, rows: int, b_max: int, m: int, a: int, s: int, pr
           "mem_ratio": mem_ours / mem_plain}
 
 
+def hf_device(platform: str) -> str | None:
+  """Where transformers runs beside us: the CPU when we do, a CUDA card when we run on a GPU and
+  torch sees one, else nowhere (None: no comparison across devices)."""
+  if platform == "cpu":
+    return "cpu"
+  import torch
+  return "cuda" if platform == "gpu" and torch.cuda.is_available() else None
+
+
 def hf_model_for(cfg, gguf_path: str | None):
   """The transformers model of the same shape: the GGUF itself, or a random-init Llama/Qwen2."""
   import torch
@@ -380,11 +393,12 @@ def main(argv):
   else:
     cfg = config_lib.get_config(FLAGS.model, dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
     params = dec.init_params(cfg, jax.random.PRNGKey(0))
-  hf = hf_model_for(cfg, gguf) if FLAGS.hf and FLAGS.platform == "cpu" else None
+  hf_dev = hf_device(FLAGS.platform) if FLAGS.hf else None
+  hf = hf_model_for(cfg, gguf).to(hf_dev) if hf_dev else None
   results: dict[str, object] = {"memory_gb_s": bw / 1e9, "matmul_gflop_s": peak / 1e9,
                                 "load_average": load,
                                 "model": FLAGS.model, "dtype": FLAGS.dtype,
-                                "platform": FLAGS.platform}
+                                "platform": FLAGS.platform, "hf_device": hf_dev}
   r = decode_throughput(FLAGS.batch, new_tokens, FLAGS.prompt_len, FLAGS.rounds, params, cfg, hf,
                         bw, peak)
   results["decode"] = [r]

@@ -1,6 +1,7 @@
 """XLA's memory figure of the paper-shape update, ahead of time, on CPU, without weights.
 
   python -m benchmarks.memory [--remat=full] [--scan_layers=true] [--b_max=8000,2048] [--quick]
+  python -m benchmarks.memory --target=tpu:v4-8 [--fit]   # XLA:TPU, from this host: benchmarks/fit.py
 
 The update of experiments/configs/deepseek_r1_1.5b_math.flags is compiled from ShapeDtypeStruct
 inputs (`jax.jit(train_step).lower(state, batch).compile().memory_analysis()`): the
@@ -43,6 +44,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks import tpu_aot  # noqa: E402
 from brpo.rollout import anytime as at  # noqa: E402
 from brpo.rollout import sampling  # noqa: E402
 from brpo import rows as rows_lib  # noqa: E402
@@ -85,9 +87,14 @@ def abstract_state(cfg, optimizer, mesh) -> train_lib.TrainState:
       rng=with_sharding(jax.eval_shape(lambda: jax.random.PRNGKey(0)), shardings.rng))
 
 
+def _compile(lowered, what: str):
+  return lowered.compile()
+
+
 def update_memory(cfg, ec: run_config.ExperimentConfig, mesh, rows_per_device: int, t: int,
-                  trunk: int, c: int, w: int) -> dict:
-  """Compiles the update of one mini-batch on `mesh`; returns XLA's memory figures per device."""
+                  trunk: int, c: int, w: int, compile_fn=_compile) -> dict:
+  """Compiles the update of one mini-batch on `mesh`; returns XLA's memory figures per device.
+  compile_fn(lowered, what) compiles (benchmarks.fit: XLA:TPU under an HBM limit)."""
   rl, oc = ec.rl, ec.optim
   n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
   rows = rl.mini_batch_prompts * rl.group_size
@@ -101,7 +108,7 @@ def update_memory(cfg, ec: run_config.ExperimentConfig, mesh, rows_per_device: i
   batch = abstract_batch(rows, t, ec.model.max_prompt_len, trunk, c, w,
                          shd.batch_sharding(mesh, 2))
   t0 = time.time()
-  compiled = step.lower(state, batch).compile()
+  compiled = compile_fn(step.lower(state, batch), "update")
   mem = compiled.memory_analysis()
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
           - mem.alias_size_in_bytes)
@@ -135,20 +142,21 @@ def cpu_upcast_gb(compiled) -> float:
   return total / GB
 
 
-def _peak(compiled) -> dict:
+def _peak(compiled, cpu: bool = True) -> dict:
   mem = compiled.memory_analysis()
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
           - mem.alias_size_in_bytes)
-  up = cpu_upcast_gb(compiled)
+  up = cpu_upcast_gb(compiled) if cpu else 0.0
   return dict(peak_gb=peak / GB, argument_gb=mem.argument_size_in_bytes / GB,
               temp_gb=mem.temp_size_in_bytes / GB, output_gb=mem.output_size_in_bytes / GB,
               cpu_upcast_gb=up, without_upcast_gb=peak / GB - up)
 
 
 def rollout_memory(cfg, mesh, rows: int, prompt_len: int, b_max: int, m: int, a: int, s: int,
-                   n_insert: int) -> dict:
+                   n_insert: int, compile_fn=_compile) -> dict:
   """Compiles one sampler call of `rows` thinkings on `mesh` (prefill, the thinking loop, the
-  branch loop); returns XLA's memory figures per device for each and their maximum."""
+  branch loop); returns XLA's memory figures per device for each and their maximum.
+  compile_fn(lowered, what): as for update_memory."""
   params, dcfg = param_lib.for_decoding(param_lib.abstract_params(cfg, mesh), cfg)
   rows_of = lambda shape, dt: jax.ShapeDtypeStruct(
       (rows,) + shape, dt, sharding=rows_lib.row_sharding(mesh, rows, 1 + len(shape)))
@@ -157,20 +165,22 @@ def rollout_memory(cfg, mesh, rows: int, prompt_len: int, b_max: int, m: int, a:
   keys = rows_of((2,), jnp.uint32)
   mesh_arg = mesh if mesh.size > 1 else None
   t0 = time.time()
-  prefill = sampling.prefill_jit.lower(
+  prefill = compile_fn(sampling.prefill_jit.lower(
       params, dcfg, rows_of((prompt_len,), jnp.int32), rows_of((prompt_len,), jnp.bool_), stops,
-      keys, None, n_new=b_max, strategy=strategy, pad_id=0, mesh=mesh_arg).compile()
+      keys, None, n_new=b_max, strategy=strategy, pad_id=0, mesh=mesh_arg), "prefill")
   state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                        jax.eval_shape(lambda: prefill.out_info), prefill.output_shardings)
-  decode = sampling.decode_jit.lower(params, dcfg, state, stops, None, strategy=strategy,
-                                     pad_id=0, write_last=True, mesh=mesh_arg).compile()
+  decode = compile_fn(sampling.decode_jit.lower(params, dcfg, state, stops, None,
+                                                strategy=strategy, pad_id=0, write_last=True,
+                                                mesh=mesh_arg), "thinking loop")
   c = m * a
-  branches = at.decode_branches.lower(
+  branches = compile_fn(at.decode_branches.lower(
       params, dcfg, state.cache, state.start, state.n_prompt, rows_of((c,), jnp.int32),
       rows_of((c, n_insert), jnp.int32), rows_of((c,), jnp.int32), rows_of((c,), jnp.bool_),
       rows_of((c, 2), jnp.uint32), prompt_len=prompt_len, summary_len=s, strategy=strategy,
-      eos_id=1, pad_id=0, mesh=mesh_arg).compile()
-  out = {name: _peak(x) for name, x in
+      eos_id=1, pad_id=0, mesh=mesh_arg), "summary loop")
+  cpu = mesh.devices.flat[0].platform == "cpu"
+  out = {name: _peak(x, cpu) for name, x in
          (("prefill", prefill), ("thinking", decode), ("summaries", branches))}
   cache = state.cache.k[0]
   per_dev = cache.sharding.shard_shape(cache.shape)[0] if cache.sharding else rows
@@ -236,8 +246,22 @@ def main(argv=None):
   ap.add_argument("--rows_per_device", type=int, default=1, help="packed rows per device per "
                   "micro-batch")
   ap.add_argument("--devices", type=int, default=8, help="the fsdp mesh's size")
-  ap.add_argument("--rollout_batch", type=int, default=128,
-                  help="rows per sampler call on one device (the fsdp mesh rolls out all 512)")
+  ap.add_argument("--rollout_batch", type=int, default=None,
+                  help="rows per sampler call: on the CPU's one device (default 128; the fsdp "
+                  "mesh rolls out all 512); with --target=tpu:... (default 0: all rows)")
+  ap.add_argument("--target", default="cpu", help="cpu (XLA:CPU, the one-device and fsdp "
+                  "layouts above), or tpu:<name> (XLA:TPU for a topology, from this host: "
+                  f"{', '.join(tpu_aot.TOPOLOGIES)}, or libtpu's names such as v5e:2x2); "
+                  "benchmarks/fit.py")
+  ap.add_argument("--fit", action="store_true", help="search the settings that fit the "
+                  "target's HBM (benchmarks/fit.py); on cpu needs --hbm_gb")
+  ap.add_argument("--hbm_gb", type=float, default=0, help="HBM per device in GB (1e9 bytes) "
+                  "for --target/--fit instead of XLA:TPU's own limit")
+  ap.add_argument("--mesh", default="1,-1,1", help="--target: the mesh (data,fsdp,tensor)")
+  ap.add_argument("--fit_mesh", default="1,-1,1",
+                  help="--fit: meshes to try in order, separated by ;")
+  ap.add_argument("--fit_remat", default="none,dots,full",
+                  help="--fit: rematerialisations to try in order (least first)")
   ap.add_argument("--skip_rollout", action="store_true", help="only the update")
   ap.add_argument("--quick", action="store_true", help="only the one-device case at 2048")
   ap.add_argument("--ragged", type=int, default=0, metavar="K",
@@ -247,16 +271,24 @@ def main(argv=None):
 
   from experiments import gsm_math
 
+  if args.fit and args.target == "cpu" and args.hbm_gb <= 0:
+    raise SystemExit("--fit with --target=cpu needs --hbm_gb (XLA:CPU has no HBM limit)")
   extra = []
   if args.remat:
     extra.append(f"--remat={args.remat}")
   if args.scan_layers:
     extra.append(f"--scan_layers={args.scan_layers}")
-  ec = gsm_math.config_from_args([f"--flagfile={args.flagfile}", "--init=random",
-                                  f"--model={args.model}", *extra])
+  try:
+    ec = gsm_math.config_from_args([f"--flagfile={args.flagfile}", "--init=random",
+                                    f"--model={args.model}", *extra])
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
   cfg = model_configs.get_config(args.model, dtype=ec.model.dtype,
                                  param_dtype=ec.model.param_dtype, remat=ec.model.remat,
                                  scan_layers=ec.model.scan_layers)
+  if args.target != "cpu" or args.fit:
+    from benchmarks import fit
+    return fit.main(args, ec), {}
   rl = ec.rl
   m, a, s = rl.n_budgets, rl.n_summaries, rl.summary_len
   print(f"{args.model}: {cfg.n_params / 1e9:.2f}B parameters ({cfg.param_dtype}), compute "
@@ -297,8 +329,9 @@ def main(argv=None):
         f"(the paper's batch: {kv['rows_needed']} thinkings)")
   if not args.skip_rollout:
     b_max, n_rows = max(budgets), kv["rows_needed"]
-    chunks = {"1dev": (one, args.rollout_batch)} if args.quick else {
-        "1dev": (one, args.rollout_batch), f"fsdp{args.devices}": (fsdp, n_rows)}
+    chunk = args.rollout_batch or 128
+    chunks = {"1dev": (one, chunk)} if args.quick else {
+        "1dev": (one, chunk), f"fsdp{args.devices}": (fsdp, n_rows)}
     # Resident during the rollout besides its own buffers: on one device the scanned float32
     # parameters and the Adam moments (the update's arguments, less the batch).
     resident = {"1dev": details[f"b{max(budgets)}_1dev"]["argument_gb"] if
@@ -321,7 +354,7 @@ def main(argv=None):
       out[f"paper_rollout_gb_{name}{suffix}"] = round(r["peak_gb"] + res, 2)
       out[f"paper_rollout_gb_{name}_without_cpu_upcast{suffix}"] = round(
           r["without_upcast_gb"] + res, 2)
-    out["rollout_batch_1dev"] = args.rollout_batch
+    out["rollout_batch_1dev"] = chunk
   out.update(remat=cfg.remat, scan_layers=cfg.scan_layers,
              kv_gb_per_row=round(kv["kv_gb_per_row"], 4),
              rollout_rows_in_80gb_beside_params=kv["rows_in_80gb_beside_params"])

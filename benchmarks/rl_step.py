@@ -116,7 +116,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--steps", type=int, default=0, help="timed steps per run (default 4; quick 2)")
-  ap.add_argument("--warmstart_dir", default="workdir/warmstart_tiny")
+  ap.add_argument("--warmstart_dir", default="experiments/warmstarts/tiny_arith")
   ap.add_argument("--out", default="")
   ap.add_argument("--think_to_budget", action="store_true",
                   help="thinkings never stop before b_max (a paper-like thinking-to-summary "

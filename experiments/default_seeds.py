@@ -2,8 +2,8 @@
 
   python experiments/default_seeds.py --seeds=0,1,2 [--out=results/default_seeds]
 
-Every seed runs experiments/configs/tiny_cpu.flags with --seed=<s> (the warm start is shared:
---warmstart_seed stays 0) in <out>/seed<s>; a finished seed is read back, not redone. Prints the
+Every seed runs experiments/configs/tiny_cpu.flags with --seed=<s> (the warm start is the shipped
+one the flagfile names: --warmstart_seed stays 0) in <out>/seed<s>; a finished seed is read back, not redone. Prints the
 anytime score and final accuracy of each seed and their mean, standard deviation and range, and
 writes <out>/summary.json. The README's default-run figures come from this command.
 """
@@ -36,7 +36,7 @@ def run_seed(seed: int, out: str, extra: Sequence[str]) -> dict:
   if not os.path.exists(done):
     ec = flags_lib.config_from_args(
         ["--flagfile=experiments/configs/tiny_cpu.flags", f"--seed={seed}",
-         f"--workdir={workdir}", f"--warmstart_dir={os.path.join(ROOT, 'workdir/warmstart_tiny')}",
+         f"--workdir={workdir}",
          "--progress=false", *[f"--{e.lstrip('-')}" for e in extra]], relative_to=ROOT)
     t = time.time()
     runner.main(ec)

@@ -57,8 +57,9 @@ N_QUESTIONS = int(os.environ.get("QUICKSTART_QUESTIONS", "64"))
 
 # %% [markdown]
 # ## The model
-# `runner.load_model` trains the warm start into `--warmstart_dir` the first time and reuses it
-# afterwards: a 2-layer decoder and a character-level SentencePiece tokenizer.
+# `runner.load_model` reads the warm start that the repository ships in `--warmstart_dir`
+# (experiments/warmstarts/tiny_arith; a folder without one is trained into the first time): a
+# 2-layer decoder and a character-level SentencePiece tokenizer, trained on the task's traces.
 
 # %%
 cfg, params, tokenizer = runner.load_model(ec)

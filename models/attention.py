@@ -32,7 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30  # same finite value as models.decoder.NEG_INF
+NEG_INF = -1e30  # Finite, so a fully masked (padding) row gives a uniform softmax, not NaN.
 _BIG = 2 ** 30
 IMPLS = ("auto", "xla", "cudnn", "blockwise", "dense")
 
@@ -60,15 +60,30 @@ def visible(seg_q, lim_q, slot_q, seg_k, slot_k):
   return trunk | own
 
 
-def dense_attention(q, k, v, segment, limit):
-  """Reference: `models.decoder.attention` with the dense [B, T, T] mask of the descriptors,
-  rows that see nothing set to 0. q [B,T,H,Dh]; k, v [B,T,K,Dh] -> [B,T,H,Dh]."""
-  from models import decoder as dec  # local import: decoder may import this module later
+def masked_attention(q, k, v, mask):
+  """Grouped-query attention under a dense mask (`models.decoder.attention`).
 
+  q: [B, Tq, H, Dh]; k, v: [B, Tk, K, Dh]; mask: [B, Tq, Tk] bool -> [B, Tq, H, Dh].
+  Scores and softmax in float32.
+  """
+  b, tq, h, dh = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, tq, kh, h // kh, dh)
+  s = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32)
+  s = s * (dh ** -0.5)
+  s = jnp.where(mask[:, None, None], s, NEG_INF)
+  p = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v)
+  return o.reshape(b, tq, h, dh)
+
+
+def dense_attention(q, k, v, segment, limit):
+  """Reference: `masked_attention` with the dense [B, T, T] mask of the descriptors, rows that
+  see nothing set to 0. q [B,T,H,Dh]; k, v [B,T,K,Dh] -> [B,T,H,Dh]."""
   t = q.shape[1]
   slots = jnp.arange(t)
   mask = visible(segment, limit, slots, segment, slots)
-  o = dec.attention(q, k, v, mask)
+  o = masked_attention(q, k, v, mask)
   return jnp.where(jnp.any(mask, -1)[:, :, None, None], o, 0).astype(q.dtype)
 
 

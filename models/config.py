@@ -14,7 +14,7 @@ REMAT_MODES = ("none", "full", "dots")
 ATTENTION_BLOCKS = (16, 32, 64, 128)
 # ModelConfig fields that change how the model runs, not what it computes (set per run from the
 # flags of the same names; a saved model serves any value of them).
-RUNTIME_FIELDS = ("remat", "scan_layers", "attention_block", "decode_block")
+RUNTIME_FIELDS = ("remat", "scan_layers", "attention_block", "decode_block", "prefill_chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,11 @@ class ModelConfig:
   # run-to-run noise on full caches; a 300-slot fill of 512 slots ran 2.4x faster in blocks
   # of 64 (320 slots read) than of 256 (512 read).
   decode_block: int = 256
+  # Prompt tokens per step of the rollout's prefill (models.decoder.prefill_chunked): each chunk
+  # is written into the KV cache and attends over it with the decode kernel, so the prefill holds
+  # one chunk's activations beside the cache, not [B, H, P, P] scores. Any size (values
+  # unchanged up to rounding); smaller is less memory, more passes over the weights.
+  prefill_chunk: int = 256
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -76,6 +81,8 @@ class ModelConfig:
                        "padding, 128)")
     if self.decode_block < 1:
       raise ValueError(f"decode_block={self.decode_block}: must be >= 1")
+    if self.prefill_chunk < 1:
+      raise ValueError(f"prefill_chunk={self.prefill_chunk}: must be >= 1")
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)

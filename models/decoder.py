@@ -2,8 +2,9 @@
 
 The layer stack is written once, in `decoder`, with attention passed in as a function: full
 masked self-attention for training, cache writes for prefill and decode, and the shared-trunk
-branch attention of `brpo.anytime`. The parameters are described in models.params. Shapes:
-B batch, T tokens, D d_model, H heads, K kv heads, Dh head_dim, F mlp_dim, V vocab, L layers.
+branch attention of `brpo.rollout.branches`. The parameters are described in models.params.
+Shapes: B batch, T tokens, D d_model, H heads, K kv heads, Dh head_dim, F mlp_dim, V vocab,
+L layers.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from models import attention as attn
 from models import sharding as shd
 from models.config import ModelConfig
 # Re-exported: callers reach the parameter table through this module as well.
 from models.params import (Params, init_params, is_stacked, param_axes,  # noqa: F401
                            param_shapes, stack_layers, unstack_layers)
 
-NEG_INF = -1e30  # Finite, so a fully masked (padding) row gives a uniform softmax, not NaN.
+NEG_INF = attn.NEG_INF
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,21 +50,8 @@ def rope(x, positions, theta):
   return out.astype(x.dtype)
 
 
-def attention(q, k, v, mask):
-  """Grouped-query attention.
-
-  q: [B, Tq, H, Dh]; k, v: [B, Tk, K, Dh]; mask: [B, Tq, Tk] bool -> [B, Tq, H, Dh].
-  Scores and softmax in float32.
-  """
-  b, tq, h, dh = q.shape
-  kh = k.shape[2]
-  qg = q.reshape(b, tq, kh, h // kh, dh)
-  s = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32)
-  s = s * (dh ** -0.5)
-  s = jnp.where(mask[:, None, None], s, NEG_INF)
-  p = jax.nn.softmax(s, axis=-1)
-  o = jnp.einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v)
-  return o.reshape(b, tq, h, dh)
+# The dense grouped-query attention (a mask [B, Tq, Tk]), defined beside the blockwise kernels.
+attention = attn.masked_attention
 
 
 # An attention function: (q [B,T,H,Dh], k [B,T,K,Dh], v, layer_state) -> (out, new_layer_state).
@@ -129,17 +118,23 @@ def decoder(params: Params, cfg: ModelConfig, tokens, positions, attend: Attend,
     # the forward pass); inside one it would only cost speed.
     layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat],
                            prevent_cse=not cfg.scan_layers)
+  x, new_states = _run_layers(params, cfg, x, layer, states, stacked_states)
+  return rms_norm(x, params["final_norm"], cfg.rms_eps), new_states
+
+
+def _run_layers(params: Params, cfg: ModelConfig, x, layer, states, stacked_states: bool):
+  """x through `layer(lp, x, state) -> (x, state)` for every layer, unrolled or (cfg.scan_layers)
+  under a `lax.scan` with the per-layer states stacked (see `decoder`) -> (x, new states)."""
   if not cfg.scan_layers:
     new_states = []
     for lp, state in zip(params["layers"], states):
       x, state = layer(lp, x, state)
       new_states.append(state)
-  else:
-    xs = (params["layers"], states if stacked_states else _stack(list(states)))
-    x, new = jax.lax.scan(lambda x, a: layer(a[0], x, a[1]), x, xs)
-    new_states = new if stacked_states else [
-        jax.tree.map(lambda a, i=i: a[i], new) for i in range(cfg.n_layers)]
-  return rms_norm(x, params["final_norm"], cfg.rms_eps), new_states
+    return x, new_states
+  xs = (params["layers"], states if stacked_states else _stack(list(states)))
+  x, new = jax.lax.scan(lambda x, a: layer(a[0], x, a[1]), x, xs)
+  return x, new if stacked_states else [
+      jax.tree.map(lambda a, i=i: a[i], new) for i in range(cfg.n_layers)]
 
 
 def logits_from_hidden(params: Params, cfg: ModelConfig, h):
@@ -177,6 +172,11 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, mask):
 # (row, kv head)-batched matmuls want it, with no transpose per layer and step). With
 # cfg.scan_layers, `decoder` stacks these per-layer buffers for its scan and splits them after
 # (a copy per call): right for a prefill, wasteful in a long decode loop.
+
+
+# Logical axes of a cache buffer [B, K, S, Dh] (models.sharding.ACTIVATION_RULES): rows over the
+# batch axes (data, fsdp), kv heads over tensor where they divide.
+CACHE_AXES = ("batch", "kv_heads", None, None)
 
 
 @flax.struct.dataclass
@@ -218,7 +218,8 @@ def prefill(params: Params, cfg: ModelConfig, tokens, positions, mask, cache: KV
   into cache slots [index, index + T).
 
   tokens, positions: [B, T]; mask: [B, T, T]. Returns (last-token logits [B, V], cache).
-  mesh: constrain the activations to it (`decoder`).
+  mesh: constrain the activations to it (`decoder`). Its attention holds [B, H, T, T] float32
+  scores and its layers [B, T, F] activations: the dense reference of `prefill_chunked`.
   """
 
   def attend(q, k, v, kv):
@@ -228,6 +229,59 @@ def prefill(params: Params, cfg: ModelConfig, tokens, positions, mask, cache: KV
                       mesh=mesh)
   new = KVCache(k=tuple(s[0] for s in states), v=tuple(s[1] for s in states))
   return logits_from_hidden(params, cfg, h[:, -1]), new
+
+
+def prefill_chunked(params: Params, cfg: ModelConfig, tokens, positions, start, cache: KVCache,
+                    *, chunk: int, block: int = 256, mesh=None):
+  """`prefill` of a left-padded prompt into cache slots [0, P), `chunk` prompt tokens at a time.
+
+  tokens, positions: [B, P]; start: [B] first valid slot of each row (left padding before it).
+  Layer by layer, a `fori_loop` over chunks: each chunk writes its keys and values into the
+  layer's cache, then attends over the filled slots [start, its own slot] with
+  `models.attention.decode_attention` (key blocks of `block`). Memory: the cache, the hidden
+  states [B, P, D] (in and out of the layer) and one chunk's activations ([B, chunk, F] in the
+  MLP, [B, H, chunk, block] scores), linear in P, not `prefill`'s [B, H, P, P] scores; the loop
+  over chunks inside each layer uses (and on a mesh gathers) one layer's weights at a time.
+  Chunks are aligned to the prompt's end (chunk i covers [max(P - (n - i) * chunk, 0), + chunk),
+  n = ceil(P / chunk)); when chunk does not divide P the first two overlap, and the overlap is
+  computed again from the same inputs and keys, writing the same values. A padding query sees no
+  key (output 0; `prefill`'s dense mask gives it a uniform average): only cache slots below
+  `start`, which nothing reads, differ from `prefill`'s. Logits only for the last slot.
+  Returns (last-token logits [B, V], cache). mesh: activations and cache constrained to it.
+  """
+  if is_stacked(params) != cfg.scan_layers:
+    raise ValueError(f"cfg.scan_layers={cfg.scan_layers} does not match params['layers']")
+  p = tokens.shape[1]
+  c = max(1, min(chunk, p))
+  n = -(-p // c)
+  fix = lambda y: shd.constrain(y, mesh, CACHE_AXES)
+  rows = lambda y: shd.constrain(y, mesh, ("batch", None, None))
+
+  def layer(lp, x, kv):
+    def run(i, carry):
+      out, ck, cv = carry
+      index = jnp.maximum(p - (n - i) * c, 0)
+
+      def attend(q, k, v, kv):
+        ck, cv = write_cache(kv[0], k, index), write_cache(kv[1], v, index)
+        o = attn.decode_attention(q, ck, cv, start, index + c,
+                                  query_slot=index + jnp.arange(c), block=block)
+        return o, (fix(ck), fix(cv))
+
+      y, (ck, cv) = _layer(lp, cfg, jax.lax.dynamic_slice_in_dim(x, index, c, axis=1),
+                           jax.lax.dynamic_slice_in_dim(positions, index, c, axis=1), attend,
+                           (ck, cv), mesh)
+      return rows(jax.lax.dynamic_update_slice_in_dim(out, y, index, axis=1)), ck, cv
+
+    # The layer's input x is read, its output written into a second buffer (chunks may overlap).
+    out, ck, cv = jax.lax.fori_loop(0, n, run, (x, *kv)) if n > 1 else run(0, (x, *kv))
+    return out, (ck, cv)
+
+  x = rows(jnp.take(params["embed"], tokens, axis=0).astype(cfg.compute_dtype))
+  x, states = _run_layers(params, cfg, x, layer, list(zip(cache.k, cache.v)), False)
+  h = rms_norm(x[:, -1], params["final_norm"], cfg.rms_eps)
+  new = KVCache(k=tuple(s[0] for s in states), v=tuple(s[1] for s in states))
+  return logits_from_hidden(params, cfg, h), new
 
 
 def decode_step(params: Params, cfg: ModelConfig, tokens, positions, cache: KVCache, index,

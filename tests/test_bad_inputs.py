@@ -111,8 +111,9 @@ def test_stray_argument(tmp_path):
     (["--prior_weights=0.5,0.25,0.125,0.0625"],
      "--prior_weights=0.5,0.25,0.125,0.0625 for budgets (24, 48, 72, 96): prior weights "
      "(0.5, 0.25, 0.125, 0.0625) sum to 0.9375, not 1 (tolerance 1e-6)"),
-    (["--group_size=1"], "--group_size=1 with --thinking_baseline=brpo: the group baseline V2 "
-                         "of a single thinking is its own return (advantage 0)"),
+    (["--group_size=1", "--n_summaries=1"],
+     "--group_size=1 with --n_summaries=1: the decoupled baseline of a single summary per cut is "
+     "the mean over the group's thinkings at that budget, here the summary itself (advantage 0)"),
 ])
 def test_budgets_priors_groups(tmp_path, flags, message):
   assert run_cli(*tiny(tmp_path, *flags)) == message
@@ -142,6 +143,7 @@ def test_in_process_errors_name_the_flag():
       ("--eval_budgets=0",): "--eval_budgets=0: must be >= 1",
       ("--attention_block=48",): "--attention_block=48: expected one of 16, 32, 64, 128",
       ("--decode_block=0",): "--decode_block=0: must be >= 1",
+      ("--prefill_chunk=0",): "--prefill_chunk=0: must be >= 1",
       ("--pack_buckets=0",): "--pack_buckets=0: must be >= 1",
       # A flag with choices is an absl enum: checked as it is parsed.
       ("--template=alpaca",): "flag --template=alpaca: value should be one of "
@@ -151,10 +153,11 @@ def test_in_process_errors_name_the_flag():
     with pytest.raises(ValueError) as e:
       gsm_math.config_from_args([f"--flagfile={TINY}", *flags])
     assert str(e.value) == message
-  # The group baseline is fine without a group baseline.
-  ec = gsm_math.config_from_args([f"--flagfile={TINY}", "--group_size=1",
-                                  "--thinking_baseline=v1only"])
-  assert ec.rl.group_size == 1
+  # A group of one: V2 = 0 (the official rule), so every thinking baseline is well defined.
+  for baseline in ("v1only", "brpo", "v2only"):
+    ec = gsm_math.config_from_args([f"--flagfile={TINY}", "--group_size=1",
+                                    f"--thinking_baseline={baseline}"])
+    assert (ec.rl.group_size, ec.rl.thinking_baseline) == (1, baseline)
 
 
 # ---------------------------------------------------------------------------------------------

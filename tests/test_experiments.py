@@ -130,3 +130,98 @@ def test_compare_runs_finds_the_first_differing_step(tmp_path):
   same, lines = compare_runs.compare(a, c)
   assert not same and lines == ["first differing step 2: reward 0.2 vs 0.25",
                                 "eval.json: different"]
+
+
+def test_default_spread_reads_finished_runs_and_summarizes(tmp_path):
+  """experiments/default_spread.py: a perturbation whose eval.json exists is read back, not rerun;
+  summary.json holds each run and the mean and range of both figures."""
+  from experiments import default_spread
+
+  figures = {"avx2_cap": (0.60, 0.80), "ynn_off": (0.64, 0.90), "ulp_up": (0.62, 0.85)}
+  for name, (anytime, final) in figures.items():
+    (tmp_path / name).mkdir()
+    with open(tmp_path / name / "eval.json", "w") as f:
+      json.dump({"anytime_score": anytime, "final_accuracy": final, "accuracy": [final],
+                 "mean_thinking_tokens": 20.0}, f)
+  runs = {name: default_spread.run_one(name, str(tmp_path), []) for name in figures}
+  summary = default_spread.summarize(runs, [])
+  assert [r["perturbation"] for r in summary["runs"]] == list(figures)
+  assert summary["runs"][1]["xla_flags"].endswith("--xla_cpu_experimental_ynn_fusion_type=")
+  assert summary["runs"][2]["init_ulp"] == 1
+  assert summary["anytime_mean"] == pytest.approx(0.62)
+  assert (summary["anytime_min"], summary["anytime_max"]) == (0.60, 0.64)
+  assert summary["final_mean"] == pytest.approx(0.85)
+  assert (summary["final_min"], summary["final_max"]) == (0.80, 0.90)
+  assert summary["final_max_dev"] == pytest.approx(0.05)
+  assert summary["distinct_runs"] == 3 and not any("same_as" in r for r in summary["runs"])
+  runs["no_cap"] = dict(runs["avx2_cap"])  # the same bits: marked, and not a distinct run
+  summary = default_spread.summarize(runs, [])
+  assert summary["runs"][-1]["same_as"] == "avx2_cap" and summary["distinct_runs"] == 3
+
+
+def test_init_ulp_moves_every_float_parameter_by_ulps():
+  import jax.numpy as jnp
+  import numpy as np
+
+  from brpo.run.loading import nudge_ulps
+
+  params = {"w": jnp.array([1.0, -2.5, 0.0, 3e-8], jnp.float32),
+            "b": jnp.array([1.0, -1.0], jnp.bfloat16), "steps": jnp.array([3], jnp.int32)}
+  up, down2 = nudge_ulps(params, 1), nudge_ulps(params, -2)
+  w = np.asarray(params["w"])
+  np.testing.assert_array_equal(np.asarray(up["w"]), np.nextafter(w, np.float32(np.inf)))
+  once = np.nextafter(w, np.float32(-np.inf))
+  np.testing.assert_array_equal(np.asarray(down2["w"]), np.nextafter(once, np.float32(-np.inf)))
+  assert up["b"].dtype == jnp.bfloat16 and bool(jnp.all(up["b"] > params["b"]))
+  assert bool(jnp.all(up["b"].astype(jnp.float32) - params["b"].astype(jnp.float32)
+                      <= jnp.array([2 ** -7, 2 ** -7])))
+  np.testing.assert_array_equal(np.asarray(up["steps"]), [3])
+
+
+def test_eval_writes_graded_samples_beside_eval_json(tmp_path, tiny_warmstart_dir):
+  """<name>_samples.jsonl beside every <name>.json (training, --mode=eval, --mode=benchmarks):
+  the first questions at every budget with the texts the grader read; grading those texts again
+  gives each line's grade, and the grades agree with the JSON's accuracy at that budget."""
+  from brpo import grading
+  from brpo.run import evaluation
+
+  def check(name, result):
+    assert "examples" not in result
+    with open(tmp_path / f"{name}.json") as f:
+      saved = json.load(f)
+    assert "examples" not in saved
+    with open(tmp_path / f"{name}_samples.jsonl") as f:
+      lines = [json.loads(line) for line in f]
+    n = saved["n_questions"]
+    shown = min(evaluation.EXAMPLES_PER_BUDGET, n)
+    assert [(e["budget"], e["question_index"]) for e in lines] == [
+        (b, q) for b in saved["budgets"] for q in range(shown)]
+    for e in lines:
+      for key in ("question", "reference", "thinking", "summary"):
+        assert isinstance(e[key], str) and e[key], key
+      assert e["summary"].startswith(grading.SUMMARY_PREFIX)
+      assert isinstance(e["format_ok"], bool) and isinstance(e["eos_cut"], bool)
+      assert 0 < e["thinking_tokens"] <= e["budget"] and e["grade"] in (0.0, 1.0)
+      assert e["extracted_answer"] == grading.extract_answer(e["summary"])
+      assert grading.score(e["thinking"], e["summary"], e["reference"], e["eos_cut"]) == e["grade"]
+    for b, acc in zip(saved["budgets"], saved["accuracy"]):  # samples=1: one row per question
+      correct = sum(e["grade"] for e in lines if e["budget"] == b)
+      assert acc * n - (n - shown) - 1e-6 <= correct <= acc * n + 1e-6, (b, acc, correct)
+    # The same question text at every budget, one thinking cut at growing budgets.
+    for q in range(shown):
+      mine = [e for e in lines if e["question_index"] == q]
+      assert len({e["question"] for e in mine}) == 1
+      assert [e["thinking_tokens"] for e in mine] == sorted(e["thinking_tokens"] for e in mine)
+    return lines
+
+  check("eval", runner.main(gsm_math.config_from_args(
+      small("ar_uniform", tmp_path, tiny_warmstart_dir))))
+  os.remove(tmp_path / "eval_samples.jsonl")
+  check("eval", runner.main(gsm_math.config_from_args(
+      small("ar_uniform", tmp_path, tiny_warmstart_dir, "--mode=eval"))))
+  summary = runner.main(gsm_math.config_from_args(small(
+      "ar_uniform", tmp_path, tiny_warmstart_dir, "--mode=benchmarks",
+      "--eval_benchmarks=easy=arith:test:n=4")))
+  check("eval_easy", summary["benchmarks"]["easy"])
+  with open(tmp_path / "benchmarks.json") as f:
+    assert "examples" not in json.load(f)["benchmarks"]["easy"]

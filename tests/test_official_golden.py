@@ -115,18 +115,12 @@ def test_rewards_and_advantages_match_the_official_code(name, grader):
   np.testing.assert_allclose(returns, o["returns"], atol=ATOL)
   np.testing.assert_allclose(baseline, o["baseline"], atol=ATOL)
   canonical = np.asarray(ro.cuts.canonical)
-  if g > 1:  # A config of one thinking per group is refused (its group baseline is 0)
-    think, summ, train = rl_step.compute_advantages(rewards, _rl(i), canonical, reused=False)
-    np.testing.assert_allclose(think.reshape(n, g, m), o["thinking_adv"], atol=ATOL)
-    np.testing.assert_allclose(summ.reshape(n, g, m, a), o["summary_adv"], atol=ATOL)
-    if i["summary_method"] == "brpo":  # every budget's own summaries are trained
-      assert train.all()
-  else:
-    np.testing.assert_allclose(
-        adv_lib.thinking_advantages(cut_rewards, probs, i["variance_reduction"], i["lam"]),
-        o["thinking_adv"], atol=ATOL)
-    np.testing.assert_allclose(adv_lib.summary_advantages(rewards, canonical.reshape(n, g, m)),
-                               o["summary_adv"], atol=ATOL)
+  # Every case's config is accepted, a group of one (uniform_A2_G1: V2 = 0) included.
+  think, summ, train = rl_step.compute_advantages(rewards, _rl(i), canonical, reused=False)
+  np.testing.assert_allclose(think.reshape(n, g, m), o["thinking_adv"], atol=ATOL)
+  np.testing.assert_allclose(summ.reshape(n, g, m, a), o["summary_adv"], atol=ATOL)
+  if i["summary_method"] == "brpo":  # every budget's own summaries are trained
+    assert train.all()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

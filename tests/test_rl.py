@@ -240,8 +240,8 @@ def test_compute_advantages_modes_resampled_summaries():
 
 
 def test_config_errors_name_the_flag():
-  with pytest.raises(ValueError, match="--group_size=1 with --thinking_baseline=brpo"):
-    C.RLConfig(group_size=1)
+  with pytest.raises(ValueError, match="--group_size=1 with --n_summaries=1: the decoupled"):
+    C.RLConfig(group_size=1, n_summaries=1)
   with pytest.raises(ValueError, match="--mini_batch_prompts=3 must divide"):
     C.RLConfig(prompts_per_batch=16, mini_batch_prompts=3)
   with pytest.raises(ValueError, match="strictly increasing"):
@@ -250,3 +250,21 @@ def test_config_errors_name_the_flag():
     C.RLConfig(prior_weights=(0.5, 0.6, 0.0, 0.0))
   with pytest.raises(ValueError, match="--thinking_baseline='nope'"):
     C.RLConfig(thinking_baseline="nope")
+
+
+def test_compute_advantages_group_of_one():
+  """G = 1 is accepted with every thinking baseline: V2 = 0 (the official rule), so brpo keeps
+  its V1 share and v2only is the plain return. Hand-worked: uniform prior over (4, 8, 16),
+  lambda = 0.5, cut rewards r = (1/2, 1, 1/2) (the mean of A = 2 summaries per cut).
+    R = (2/3, 1/2, 1/6); V1 = (0, r_1 * 2/3, (r_1/4 + r_2/2)/(3/4) * 1/3) = (0, 1/3, 5/18)
+    brpo V = (0, V1_2 / 3, 2 V1_3 / 3) = (0, 1/9, 5/27) -> A = (2/3, 7/18, -1/54)."""
+  rewards = np.array([[[[1, 0], [1, 1], [0, 1]]]], np.float32)  # [N=1, G=1, m=3, A=2]
+  canonical = np.array([[0, 1, 2]])
+  want = {"brpo": [2 / 3, 7 / 18, -1 / 54], "v2only": [2 / 3, 1 / 2, 1 / 6]}
+  for baseline, adv in want.items():
+    rl = C.RLConfig(**{**RL.__dict__, "group_size": 1, "prior": "uniform",
+                       "thinking_baseline": baseline})
+    t, s, train = rl_lib.compute_advantages(rewards, rl, canonical, reused=False)
+    np.testing.assert_allclose(t[0], adv, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(s[0], [[0.5, -0.5], [0, 0], [-0.5, 0.5]])
+    assert train.all()

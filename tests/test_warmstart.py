@@ -135,6 +135,81 @@ def test_warm_start_stops_at_the_target_accuracy(tmp_path):
   assert [s for s, _ in results["loss_history"]] == [7]  # Logged every 50 steps, and at the stop.
 
 
+def test_plateau_rule():
+  # The shipped warm start's checks (steps 600-1,500): the rule fires at the last one only.
+  curve = [0.305, 0.375, 0.625, 0.672, 0.867, 0.914, 0.977, 0.992, 0.992, 0.992]
+  assert [ws_lib.plateaued(curve[:i], 2, 0.01) for i in range(1, 11)] == [False] * 9 + [True]
+  assert not ws_lib.plateaued(curve, 0, 0.01)  # 0 checks: disabled
+  assert ws_lib.plateaued([0.5, 0.52, 0.51], 1, 0.01)  # no rise above 0.52 + 0.01 in the last one
+  assert not ws_lib.plateaued([0.5, 0.52, 0.54], 1, 0.01)
+
+
+def test_warm_start_stops_at_its_plateau(tmp_path):
+  accuracies = iter([0.2, 0.6, 0.9, 0.905, 0.9, 0.99])
+  ws = dataclasses.replace(WS, steps=30, check_from=4, check_every=3, check_size=8)
+  assert ws.stop_accuracy == 0 and ws.plateau_checks == 2  # the defaults
+  ws_lib.warm_start(str(tmp_path / "ws"), ws, SMALL, progress=False,
+                    held_out_accuracy=lambda *_: next(accuracies))
+  with open(tmp_path / "ws" / "warmstart.json") as f:
+    results = json.load(f)["results"]
+  # 0.905 and 0.9 do not beat 0.9 by more than 0.01: stop at the fifth check (step 16).
+  assert results["checks"] == [[4, 0.2], [7, 0.6], [10, 0.9], [13, 0.905], [16, 0.9]]
+  assert results["steps_run"] == 16
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(ROOT, "experiments", "warmstarts", "tiny_arith")
+
+
+def test_the_default_reads_the_shipped_warm_start():
+  """tiny_cpu.flags names the shipped warm start, and its settings are the ones the flagfile's
+  run derives (a reuse, not a training or a refusal): checked without loading the model."""
+  from brpo.run import flags as flags_lib
+  from brpo.tasks.arith import task as arith_task
+
+  ec = flags_lib.config_from_args(["--flagfile=experiments/configs/tiny_cpu.flags"],
+                                  relative_to=ROOT)
+  assert os.path.join(ROOT, ec.run.warmstart_dir) == SHIPPED
+  with open(os.path.join(SHIPPED, ws_lib.SETTINGS_FILE)) as f:
+    doc = json.load(f)
+  _, _, _, task = arith_task.parse_spec(ec.data.train)
+  wanted = ws_lib.WarmStartConfig(model=ec.model.model, task=task, seed=ec.run.warmstart_seed,
+                                  stop_accuracy=ec.run.warmstart_stop_accuracy)
+  assert doc["warm_start"] == json.loads(json.dumps(dataclasses.asdict(wanted)))
+  checks = doc["results"]["checks"]
+  assert checks[-1][1] >= 0.95 and ws_lib.plateaued([a for _, a in checks], 2, 0.01)
+
+
+@pytest.mark.slow
+def test_make_warmstart_remakes_the_shipped_one(tmp_path):
+  """experiments/make_warmstart.py, run anew (on whatever CPU runs the test), makes a warm start
+  equivalent to the shipped one: the same settings and tokenizer, a plateau at the same held-out
+  accuracy (the bits differ between CPU kinds; the plateau does not), and the same greedy answers
+  on held-out questions to within a few."""
+  from brpo.run.loading import held_out_accuracy_fn
+  from experiments import make_warmstart
+
+  out = str(tmp_path / "ws")
+  doc = make_warmstart.make(out, progress=False)
+  with open(os.path.join(SHIPPED, ws_lib.SETTINGS_FILE)) as f:
+    shipped = json.load(f)
+  assert doc["warm_start"] == shipped["warm_start"]
+  assert doc["model_config"] == shipped["model_config"]
+  with open(os.path.join(out, ws_lib.TOKENIZER_FILE), "rb") as a, \
+      open(os.path.join(SHIPPED, ws_lib.TOKENIZER_FILE), "rb") as b:
+    assert a.read() == b.read()
+  (_, acc), (_, shipped_acc) = doc["results"]["checks"][-1], shipped["results"]["checks"][-1]
+  assert ws_lib.plateaued([a for _, a in doc["results"]["checks"]], 2, 0.01)
+  assert abs(acc - shipped_acc) <= 0.03, (acc, shipped_acc)
+  # Both models on 256 fresh questions (another split than the checks'), greedy at 96 tokens.
+  questions = arith.generate(256, arith.split_seed("spread", 0), arith.ArithTask(),
+                             prefix="arith-spread")
+  fn = held_out_accuracy_fn()
+  remade, ref = (ws_lib.load(d) for d in (out, SHIPPED))
+  accs = [fn(p, c, t, questions, 96) for c, p, t, _ in (remade, ref)]
+  assert accs[1] >= 0.95 and abs(accs[0] - accs[1]) <= 0.03, accs
+
+
 def test_held_out_accuracy_is_the_main_evaluator_on_gold_traces(tok, cfg):
   """The run's stop check (brpo.run.loading.held_out_accuracy_fn) grades through the main
   anytime evaluator: a model trained to copy gold traces scores, an untrained one does not."""

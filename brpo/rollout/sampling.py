@@ -36,7 +36,7 @@ from models import sharding as shd
 from models.config import ModelConfig
 
 # Logical axes of a cache buffer [B, K, S, Dh] (models.sharding.ACTIVATION_RULES).
-CACHE_AXES = ("batch", "kv_heads", None, None)
+CACHE_AXES = dec.CACHE_AXES
 
 
 def mesh_of(x):
@@ -166,16 +166,29 @@ def _record(state: SampleState, logits, i, strategy, stops, pad_id, n_new):
                        stop_reason=stop_reason, lengths=state.lengths + live.astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n_new", "strategy", "pad_id", "mesh"))
+@functools.partial(jax.jit, static_argnames=("cfg", "n_new", "strategy", "pad_id", "dense",
+                                             "block", "chunk", "mesh"))
 def prefill_jit(params, cfg: ModelConfig, prompt, valid, stops, rng, limit=None, *, n_new: int,
-                strategy, pad_id: int, mesh=None) -> SampleState:
+                strategy, pad_id: int, dense: bool = False, block: int | None = None,
+                chunk: int | None = None, mesh=None) -> SampleState:
   """Prefills the prompt [B, P] into a fresh cache of P + n_new slots and samples token 0.
-  limit: optional [B] per-row token limits (<= n_new). mesh: shard the cache (CACHE_AXES)."""
+  limit: optional [B] per-row token limits (<= n_new). mesh: shard the cache (CACHE_AXES).
+
+  The prompt runs in chunks of `chunk` tokens (None: cfg.prefill_chunk, --prefill_chunk), each
+  attending over the filled cache with the decode kernel (key block `block`, None:
+  cfg.decode_block): memory linear in P (`models.decoder.prefill_chunked`). dense=True is the
+  one-pass masked attention over the whole prompt it replaces (the reference for tests)."""
   b, p = prompt.shape
   cache = constrain_cache(dec.init_cache(cfg, b, p + n_new), mesh)
   positions = masks.positions_from_valid(valid)
-  logits, cache = dec.prefill(params, cfg, prompt, positions, masks.causal_mask(valid), cache,
-                              mesh=mesh)
+  start = jnp.argmax(valid, axis=1).astype(jnp.int32)
+  if dense:
+    logits, cache = dec.prefill(params, cfg, prompt, positions, masks.causal_mask(valid), cache,
+                                mesh=mesh)
+  else:
+    logits, cache = dec.prefill_chunked(
+        params, cfg, prompt, positions, start, cache, mesh=mesh, block=key_block(cfg, block),
+        chunk=cfg.prefill_chunk if chunk is None else chunk)
   cache = constrain_cache(cache, mesh)
   w = stops.shape[1]
   limit = (jnp.full((b,), n_new, jnp.int32) if limit is None
@@ -184,8 +197,8 @@ def prefill_jit(params, cfg: ModelConfig, prompt, valid, stops, rng, limit=None,
       cache=cache, tokens=jnp.full((b, n_new), pad_id, jnp.int32),
       logprobs=jnp.zeros((b, n_new), jnp.float32), lengths=jnp.zeros((b,), jnp.int32),
       stop_reason=jnp.full((b,), -1, jnp.int32), recent=jnp.full((b, w), -1, jnp.int32),
-      start=jnp.argmax(valid, axis=1).astype(jnp.int32),
-      n_prompt=jnp.sum(valid, axis=1).astype(jnp.int32), limit=limit, written=jnp.int32(0),
+      start=start, n_prompt=jnp.sum(valid, axis=1).astype(jnp.int32), limit=limit,
+      written=jnp.int32(0),
       rng=rng)
   return _record(state, logits, 0, strategy, stops, pad_id, n_new)
 
@@ -346,7 +359,8 @@ def sample_padded(params, cfg: ModelConfig, tokens, valid, max_new_tokens: int,
     (`bucket_rows`, at least `min_bucket` rows; on a mesh a multiple of its data x fsdp size,
     so that the rows stay split over the devices), so finished rows stop costing. Needs per-row
     keys or greedy decoding (a batch key's draw depends on the batch shape).
-  dense: attend over the whole cache (the pre-#13 path) instead of the filled blocks.
+  dense: the reference attention: the prompt in one masked pass (not in chunks) and decode
+    over the whole cache (the pre-#13 path) instead of the filled blocks.
   block: the key block of the filled-only attention (None: cfg.decode_block).
   mesh: shard the KV cache and the activations over this mesh (default: the mesh `tokens` is
     laid out on, if any; see CACHE_AXES).
@@ -371,7 +385,7 @@ def sample_padded(params, cfg: ModelConfig, tokens, valid, max_new_tokens: int,
     ways = rows_lib.batch_ways(mesh)
     min_bucket = -(-min_bucket // ways) * ways
   state = prefill_jit(params, cfg, tokens, valid, stops, rng, limit, n_new=max_new_tokens,
-                      strategy=strategy, pad_id=pad_id, mesh=mesh)
+                      strategy=strategy, pad_id=pad_id, dense=dense, block=block, mesh=mesh)
   kw = dict(strategy=strategy, pad_id=pad_id, write_last=write_last, dense=dense, block=block,
             mesh=mesh)
   if compact_every:

@@ -85,6 +85,11 @@ class ModelSpec:
   decode_block: int = setting(256, "Key block of the rollout's decode attention: the KV cache "
                               "is read in blocks up to the filled length (values unchanged up "
                               "to rounding; python -m benchmarks.attention_layouts times sizes).")
+  prefill_chunk: int = setting(256, "Prompt tokens per step of the rollout's prefill: each "
+                               "chunk is written into the KV cache and attends over it, so the "
+                               "prefill holds one chunk's activations, not the prompt's [P, P] "
+                               "scores (values unchanged up to rounding; smaller is less memory, "
+                               "more passes over the weights).")
   template: str = setting("plain", "Prompt template.", choices=tok_lib.TEMPLATES)
   max_prompt_len: int = setting(256, "Longest prompt in tokens.")
   long_prompts: str = setting("skip", "What to do with a prompt longer than --max_prompt_len: "
@@ -104,6 +109,8 @@ class ModelSpec:
                        f"{', '.join(map(str, model_configs.ATTENTION_BLOCKS))}")
     if self.decode_block < 1:
       raise ValueError(f"--decode_block={self.decode_block}: must be >= 1")
+    if self.prefill_chunk < 1:
+      raise ValueError(f"--prefill_chunk={self.prefill_chunk}: must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +157,9 @@ class RLConfig:
                                    "summaries; grpo: one summary at b_max, group baseline.",
                                    choices=SUMMARY_ADVANTAGES)
   lam: float = setting(0.5, "lambda of the budget-relative baseline V1.")
-  group_size: int = setting(8, "G: thinkings per prompt.")
+  group_size: int = setting(8, "G: thinkings per prompt. With G = 1 the group baseline V2 is 0 "
+                            "(the official rule): brpo keeps V1's share, v2only has no "
+                            "baseline.")
   prompts_per_batch: int = setting(16, "Prompts per rollout.")
   mini_batch_prompts: int = setting(8, "Prompts per optimizer update.")
   ppo_epochs: int = setting(1, "Passes over each rollout batch.")
@@ -215,12 +224,15 @@ class RLConfig:
     if rows % self.micro_batches:
       raise ValueError(f"--micro_batches={self.micro_batches} must divide the mini-batch of "
                        f"{rows} thinkings (mini_batch_prompts x group_size)")
-    if self.group_size == 1 and self.thinking_baseline in ("brpo", "v2only"):
-      raise ValueError(f"--group_size=1 with --thinking_baseline={self.thinking_baseline}: the "
-                       "group baseline V2 of a single thinking is its own return (advantage 0)")
+    # G = 1 leaves the thinking advantages well defined (V2 = 0, the official rule: brpo keeps
+    # V1's share, v2only is R); refused are the summary advantages that are then all 0.
     if self.group_size == 1 and self.summary_advantage == "grpo":
       raise ValueError("--group_size=1 with --summary_advantage=grpo: the group baseline of one "
                        "summary is itself (advantage 0)")
+    if self.group_size == 1 and self.n_summaries == 1:
+      raise ValueError("--group_size=1 with --n_summaries=1: the decoupled baseline of a single "
+                       "summary per cut is the mean over the group's thinkings at that budget, "
+                       "here the summary itself (advantage 0)")
     # budgets_lib's messages say what is wrong; the flag that caused it is added here.
     if self.budgets:
       support_flag = f"--budgets={','.join(map(str, self.budgets))}"
@@ -327,6 +339,12 @@ class RunConfig:
   warmstart_steps: int = setting(0, "Warm-start SFT steps (0: its default).")
   warmstart_seed: int = setting(0, "Seed of the warm start (apart from --seed: seeds share one "
                                 "warm start).")
+  warmstart_stop_accuracy: float = setting(0.0, "Stop the warm start once its held-out greedy "
+                                           "accuracy reaches this (0: at its plateau only; the "
+                                           "ablation's runs stop at 0.5, leaving RL more room).")
+  init_ulp: int = setting(0, "Nudge every float parameter by this many ulps (units in the last "
+                          "place; sign = direction) after loading: a rounding perturbation, as "
+                          "experiments/default_spread.py uses it. 0: none.")
   max_bad_steps: int = setting(3, "Stop after this many consecutive steps with non-finite "
                                "loss/gradients.")
   grader_workers: int = setting(2, "Grading processes.")

@@ -1,5 +1,6 @@
 """Anytime evaluation (SPEC §9): accuracy at K budgets from one thinking per sample cut K ways,
-the anytime score (mean over budgets), final accuracy and mean thinking length; and the plot.
+the anytime score (mean over budgets), final accuracy and mean thinking length; a few graded
+samples per budget (what was read and why it scored); and the plot.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
+from brpo.grading import extract
 from brpo.rollout import anytime as at
 from brpo import rows as rows_lib
 from brpo.run import multihost
@@ -21,6 +23,10 @@ from brpo.run import scoring
 from brpo.rollout import sampling
 from models.config import ModelConfig
 from models.tokenizer import Tokenizer
+
+
+# Questions shown per budget in <name>_samples.jsonl beside each <name>.json of a run.
+EXAMPLES_PER_BUDGET = 3
 
 
 def eval_budgets(b_max: int, k: int = 32) -> tuple[int, ...]:
@@ -36,7 +42,7 @@ def evaluate(params, cfg: ModelConfig, tokenizer: Tokenizer, toks: at.AnytimeTok
              temperature: float = 0.6, top_p: float = 1.0, grader, rng,
              batch_prompts: int = 32, prompt_length: int | None = None,
              prompt_cap: int | None = None, progress: bool = True,
-             mesh=None) -> dict[str, Any]:
+             mesh=None, examples: int = 0) -> dict[str, Any]:
   """Accuracy against budget from one anytime rollout per (question, sample).
 
   Every thinking is sampled once up to max(budgets) and cut at every budget; one summary per
@@ -45,6 +51,8 @@ def evaluate(params, cfg: ModelConfig, tokenizer: Tokenizer, toks: at.AnytimeTok
   its batch axes (and over processes: each grades its own rows, all get the result).
   Prompts are padded to `prompt_length`, or, when None, to each batch's own bucket
   (multihost.prompt_bucket, at most `prompt_cap`).
+  With `examples` > 0 the result also has "examples": `samples_of_batch` for the first
+  `examples` questions this process holds (of the first batch), at every budget.
   """
   if not prompts:
     raise ValueError("evaluation needs at least one question")
@@ -71,19 +79,74 @@ def evaluate(params, cfg: ModelConfig, tokenizer: Tokenizer, toks: at.AnytimeTok
                          think_strategy=strategy, summary_strategy=strategy)
     rows = keep * samples
     refs = [references[k] for k in idx for _ in range(samples)]
-    rewards = scoring.score_rollout(ro, tokenizer, toks, refs, grader)[:rows, :, 0]
+    texts = scoring.rollout_texts(ro, tokenizer, toks)  # decoded once: graded, and shown
+    rewards = scoring.score_texts(ro, texts, refs, grader)[:rows, :, 0]
+    if i == 0 and examples:
+      shown = samples_of_batch(ro, texts, rewards, tokenizer, batch, refs, samples, examples)
     correct += rewards.sum(0)
     think_tokens += float(rows_lib.fetch(ro.thinking_len)[:rows].sum())
     count += rows
   acc = correct / count
-  return {"budgets": [int(b) for b in budgets], "accuracy": [float(a) for a in acc],
-          "anytime_score": float(acc.mean()), "final_accuracy": float(acc[-1]),
-          "mean_thinking_tokens": think_tokens / count, "n_questions": n, "samples": samples}
+  result = {"budgets": [int(b) for b in budgets], "accuracy": [float(a) for a in acc],
+            "anytime_score": float(acc.mean()), "final_accuracy": float(acc[-1]),
+            "mean_thinking_tokens": think_tokens / count, "n_questions": n, "samples": samples}
+  if examples:
+    result["examples"] = shown
+  return result
+
+
+def samples_of_batch(ro: at.AnytimeRollout, texts, rewards: np.ndarray, tokenizer: Tokenizer,
+                     prompts: Sequence[Sequence[int]], references: Sequence[Any], samples: int,
+                     n: int) -> list[dict[str, Any]]:
+  """What the grader read and what it gave, at every budget, for the first `n` questions of a
+  batch whose rows this process holds (first sample, first summary of each).
+
+  texts: `scoring.rollout_texts(ro, ...)` (nothing is decoded again but the n prompts);
+  rewards: [rows, m] graded rewards of the batch's real rows (all processes' rows); prompts:
+  [rows / samples] token lists; references: [rows], one per row. Returns dicts sorted by budget,
+  then question: budget, question (its row's prompt decoded, template included), reference (the
+  accepted answers, " | "-joined), thinking_tokens (the cut's length), thinking (the thinking up to
+  the cut plus any inserted text up to `</think>`), summary (the marker plus the generated
+  summary), extracted_answer (None when the summary boxes none), format_ok (the SPEC §4 gate:
+  one `</think>` and no end-of-sequence in the thinking), eos_cut, grade (the reward, 0 or 1).
+  """
+  first = rows_lib.local_slice(ro.summary_len).start
+  canon = rows_lib.local_rows(ro.cuts.canonical)  # [R_local, m]
+  length = rows_lib.local_rows(ro.cuts.length)
+  budgets = [int(b) for b in rows_lib.fetch(ro.budgets)]
+  questions: dict[int, str] = {}  # question index -> its prompt, decoded
+  out = []
+  for r, j, a, think, response, eos_cut in texts:
+    row = first + r
+    if a or row >= rewards.shape[0] or row % samples:
+      continue
+    q = row // samples
+    if q not in questions:
+      if len(questions) == n:
+        continue
+      questions[q] = tokenizer.decode(prompts[q])
+    shown = {"question": questions[q],
+             "reference": " | ".join(extract.reference_answers(references[row])),
+             "thinking_tokens": int(length[r, j]), "thinking": think, "summary": response,
+             "extracted_answer": extract.extract_answer(response),
+             "format_ok": extract.gate(think, response, eos_cut), "eos_cut": eos_cut}
+    for k in range(len(budgets)):  # every budget that shares this cut (reused summaries)
+      if k == j or (ro.reused and canon[r, k] == j):
+        out.append({"budget": budgets[k], "question_index": q, **shown,
+                    "grade": float(rewards[row, k])})
+  return sorted(out, key=lambda e: (e["budget"], e["question_index"]))
 
 
 def write_eval(result: dict[str, Any], workdir: str, name: str = "eval") -> str:
+  """Writes `result` as <workdir>/<name>.json; its "examples", if any, go one a line to
+  <name>_samples.jsonl instead. Returns the JSON's path."""
+  result = dict(result)
+  examples = result.pop("examples", None)
   path = os.path.join(workdir, f"{name}.json")
   paths.write_text(path, json.dumps(result, indent=1))  # never a half-written eval.json
+  if examples is not None:
+    paths.write_text(os.path.join(workdir, f"{name}_samples.jsonl"),
+                     "".join(json.dumps(e) + "\n" for e in examples))
   return path
 
 

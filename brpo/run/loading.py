@@ -10,6 +10,7 @@ import tempfile
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from etils import epath
 
 from brpo import grading
@@ -70,9 +71,28 @@ def load_model(ec: ExperimentConfig, eval_examples: Sequence[data_lib.Example] =
                grader=None):
   """(ModelConfig, params, tokenizer) for `ec.model`; `grader` serves a warm start's checks."""
   cfg, params, tokenizer = _load_model(ec, eval_examples, grader)
+  if ec.run.init_ulp:
+    params = nudge_ulps(params, ec.run.init_ulp)
   # How the stack runs (remat, scanned layers, attention block): the parameters follow the layout.
   cfg = cfg.replace(**{f: getattr(ec.model, f) for f in RUNTIME_FIELDS})
   return cfg, relayout(params, cfg.scan_layers), tokenizer
+
+
+def nudge_ulps(params, n: int):
+  """Every floating-point leaf moved by |n| ulps towards +inf (n > 0) or -inf (n < 0), each in
+  its own dtype: the smallest change of the initial parameters, for measuring how far rounding
+  alone moves a run (experiments/default_spread.py). Integer leaves are kept."""
+
+  def nudge(x):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    to = jnp.asarray(jnp.inf if n > 0 else -jnp.inf, x.dtype)
+    for _ in range(abs(n)):
+      x = jnp.nextafter(x, to)
+    return x
+
+  return jax.tree.map(nudge, params)
 
 
 def _load_model(ec: ExperimentConfig, eval_examples, grader):
@@ -86,7 +106,8 @@ def _load_model(ec: ExperimentConfig, eval_examples, grader):
       raise ValueError(f"--init=warmstart trains the tiny arithmetic task, but --train_data="
                        f"{ec.data.train!r}; use --init=checkpoint or --init=random")
     _, _, _, task = arith.parse_spec(ec.data.train)
-    ws = warmstart.WarmStartConfig(model=spec.model, task=task, seed=ec.run.warmstart_seed)
+    ws = warmstart.WarmStartConfig(model=spec.model, task=task, seed=ec.run.warmstart_seed,
+                                   stop_accuracy=ec.run.warmstart_stop_accuracy)
     if ec.run.warmstart_steps:
       ws = ws.__class__(**{**ws.__dict__, "steps": ec.run.warmstart_steps})
     if jax.process_count() > 1 and not epath.Path(

@@ -2,7 +2,7 @@
 logs, and evaluation. experiments/gsm_math.py parses flags into the config and calls `main`.
 
 Outputs in the workdir: metrics.jsonl (one line per RL step), tb/ (TensorBoard), checkpoints/,
-eval.json and accuracy.png (evaluation), config.json.
+eval.json, eval_samples.jsonl and accuracy.png (evaluation), config.json.
 """
 
 from __future__ import annotations
@@ -102,10 +102,18 @@ class Run:
         rng=jax.random.fold_in(jax.random.PRNGKey(ec.run.seed + 1), step or 0),
         batch_prompts=min(64, max(8, ec.rl.prompts_per_batch)),
         prompt_length=None, prompt_cap=_prompt_length(all_prompts),
-        progress=ec.run.progress and self.is_main, mesh=self.mesh)
+        progress=ec.run.progress and self.is_main, mesh=self.mesh,
+        examples=evaluation.EXAMPLES_PER_BUDGET)
     result["step"] = step
     result["eval_data"] = ec.data.eval
     return result
+
+  def save_eval(self, result: dict[str, Any], name: str = "eval") -> dict[str, Any]:
+    """Process 0 writes <name>.json and its samples, <name>_samples.jsonl. Returns the result
+    without the samples."""
+    if self.is_main:
+      evaluation.write_eval(result, self.ec.run.workdir, name)
+    return {k: v for k, v in result.items() if k != "examples"}
 
   def close(self):
     self.grader.close()
@@ -198,17 +206,16 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
       done = step + 1
       # Evaluate before saving: a run killed in between redoes the step and its evaluation.
       if run.eval_every and done % run.eval_every == 0 and done != run.steps:
-        res = r.evaluate(state.params, done, ec.eval.periodic_size)
+        res = r.save_eval(r.evaluate(state.params, done, ec.eval.periodic_size),
+                          f"eval_step{done}")
         if r.is_main:
-          evaluation.write_eval(res, run.workdir, f"eval_step{done}")
           writer.write(done, {"eval/anytime_score": res["anytime_score"],
                               "eval/final_accuracy": res["final_accuracy"]})
       if run.checkpoint_every and (done % run.checkpoint_every == 0 or done == run.steps):
         ckpt.save(done, state, {"step": done, "data": data.state(), "signature": signature,
                                 "config": ec.to_dict()})
-    result = r.evaluate(state.params, run.steps)
+    result = r.save_eval(r.evaluate(state.params, run.steps))
     if r.is_main:
-      evaluation.write_eval(result, run.workdir)
       evaluation.plot_accuracy({os.path.basename(run.workdir.rstrip("/")): result},
                                os.path.join(run.workdir, "accuracy.png"))
       print(run_table(history, result, time.time() - t_start))
@@ -286,10 +293,11 @@ def evaluate_only(ec: ExperimentConfig) -> dict[str, Any]:
   r = Run(ec)
   try:
     params, step = _trained_params(r, ec)
-    result = r.evaluate(params, step)  # result["step"]: None for the initial model
-    evaluation.write_eval(result, ec.run.workdir)
-    evaluation.plot_accuracy({os.path.basename(ec.run.workdir.rstrip("/")): result},
-                             os.path.join(ec.run.workdir, "accuracy.png"))
+    # result["step"]: None for the initial model
+    result = r.save_eval(r.evaluate(params, step))
+    if r.is_main:
+      evaluation.plot_accuracy({os.path.basename(ec.run.workdir.rstrip("/")): result},
+                               os.path.join(ec.run.workdir, "accuracy.png"))
     print(evaluation.budget_table(result))
     return result
   finally:
@@ -299,8 +307,9 @@ def evaluate_only(ec: ExperimentConfig) -> dict[str, Any]:
 def evaluate_benchmarks(ec: ExperimentConfig) -> dict[str, Any]:
   """--mode=benchmarks: the checkpoint (or initial model) on every set of --eval_benchmarks
   (default the paper's five), with the same evaluation settings as --mode=eval. Writes
-  eval_<name>.json and accuracy_<name>.png per benchmark and benchmarks.json; prints the
-  paper's table (anytime score and final accuracy per benchmark, and the average)."""
+  eval_<name>.json, eval_<name>_samples.jsonl and accuracy_<name>.png per benchmark and
+  benchmarks.json (process 0 writes); prints the paper's table (anytime score and final
+  accuracy per benchmark, and the average)."""
   sets = ec.eval.benchmark_files()
   loaded = []
   for name, spec in sets:  # all files checked before the model is loaded
@@ -316,16 +325,17 @@ def evaluate_benchmarks(ec: ExperimentConfig) -> dict[str, Any]:
                                               f"--eval_benchmarks={name}={spec}")
       result = r.evaluate(params, step, prompts=(prompts, refs))
       result.update(eval_data=spec, skipped_long=skipped)
-      evaluation.write_eval(result, ec.run.workdir, f"eval_{name}")
-      evaluation.plot_accuracy({name: result}, os.path.join(ec.run.workdir,
-                                                            f"accuracy_{name}.png"), title=name)
-      results[name] = result
+      results[name] = result = r.save_eval(result, f"eval_{name}")
+      if r.is_main:
+        evaluation.plot_accuracy({name: result}, os.path.join(ec.run.workdir,
+                                                              f"accuracy_{name}.png"), title=name)
       log.info("%s: anytime %.3f, final %.3f", name, result["anytime_score"],
                result["final_accuracy"])
     summary = {"step": step, "benchmarks": results,
                "average": {k: float(np.mean([x[k] for x in results.values()]))
                            for k in ("anytime_score", "final_accuracy")}}
-    evaluation.write_eval(summary, ec.run.workdir, "benchmarks")
+    if r.is_main:
+      evaluation.write_eval(summary, ec.run.workdir, "benchmarks")
     print(evaluation.benchmark_table(results))
     return summary
   finally:

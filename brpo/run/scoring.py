@@ -58,7 +58,12 @@ def score_rollout(ro: at.AnytimeRollout, tokenizer: Tokenizer, toks: at.AnytimeT
   that share a cut get its rewards). Each process grades the rows it holds, and every process
   gets all the rewards.
   """
-  texts = rollout_texts(ro, tokenizer, toks)
+  return score_texts(ro, rollout_texts(ro, tokenizer, toks), references, grader)
+
+
+def score_texts(ro: at.AnytimeRollout, texts, references: Sequence[Any], grader) -> np.ndarray:
+  """`score_rollout` from texts already made by `rollout_texts(ro, ...)` (a caller that also
+  shows some of them decodes once)."""
   refs = list(references)[rows_lib.local_slice(ro.summary_len)]
   scores = grader.score_batch([t[3] for t in texts], [t[4] for t in texts],
                               [refs[t[0]] for t in texts], [t[5] for t in texts])
