@@ -14,8 +14,8 @@ rounds:
 Each is a subprocess (XLA reads its flags once, at start) running experiments/gsm_math.py with
 experiments/configs/tiny_cpu.flags into <out>/<name>; a finished run (its eval.json) is read back,
 not redone. The warm start is the flagfile's (`--warmstart_dir`): the shipped one a fresh clone
-uses. A perturbation that changes no bit on this machine is marked as the same as an earlier run
-(no_cap on a CPU without AVX-512, for one).
+uses. A perturbation that changes no bit on this machine (its training losses and evaluation equal
+an earlier run's: no_cap on a CPU without AVX-512, for one) is marked as the same bits.
 
 Prints each run's anytime score and final accuracy, their mean and range, and writes
 <out>/summary.json: {"runs": [{"perturbation", "anytime", "final", ...}], "anytime_mean",
@@ -92,6 +92,10 @@ def run_one(name: str, out: str, extra: Sequence[str]) -> dict:
       f.write(f"{time.time() - t:.0f}\n")
   with open(done) as f:
     result = json.load(f)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(metrics):  # the training's losses: a perturbation may change them alone
+    with open(metrics) as f:
+      result["train_losses"] = [json.loads(line).get("loss") for line in f if line.strip()]
   wall = os.path.join(workdir, "wall_seconds.txt")
   result["wall_s"] = float(open(wall).read()) if os.path.exists(wall) else None
   return result
@@ -107,13 +111,11 @@ def summarize(runs: dict[str, dict], extra: Sequence[str]) -> dict:
   # kernels round alike) repeats an earlier run: named, so that the spread is read with it.
   seen: dict[str, str] = {}
   for row, r in zip(rows, runs.values()):
-    key = json.dumps([r["accuracy"], r["mean_thinking_tokens"]])
-    row["same_as"] = seen.setdefault(key, row["perturbation"])
-    if row["same_as"] == row["perturbation"]:
-      del row["same_as"]
-  summary: dict = {"runs": rows,
-                   "distinct_runs": len({json.dumps([r["accuracy"], r["mean_thinking_tokens"]])
-                                         for r in runs.values()})}
+    key = json.dumps([r.get("accuracy"), r["mean_thinking_tokens"], r.get("train_losses")])
+    row["same_bits_as"] = seen.setdefault(key, row["perturbation"])
+    if row["same_bits_as"] == row["perturbation"]:
+      del row["same_bits_as"]
+  summary: dict = {"runs": rows, "distinct_runs": len(seen)}
   for key in ("anytime", "final"):
     v = np.array([r[key] for r in rows])
     summary.update({f"{key}_mean": float(v.mean()), f"{key}_min": float(v.min()),
@@ -137,7 +139,7 @@ def main(argv: Sequence[str]) -> None:
     json.dump(summary, f, indent=1)
   print(f"{'perturbation':>12} {'anytime':>8} {'final':>7} {'think_len':>9} {'wall_s':>7}")
   for r in summary["runs"]:
-    same = f"  (the same bits as {r['same_as']})" if "same_as" in r else ""
+    same = f"  (the same bits as {r['same_bits_as']})" if "same_bits_as" in r else ""
     print(f"{r['perturbation']:>12} {r['anytime']:8.3f} {r['final']:7.3f} "
           f"{r['mean_thinking_tokens']:9.1f} {r['wall_s'] or 0:7.0f}{same}")
   for key in ("anytime", "final"):

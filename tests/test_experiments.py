@@ -153,10 +153,12 @@ def test_default_spread_reads_finished_runs_and_summarizes(tmp_path):
   assert summary["final_mean"] == pytest.approx(0.85)
   assert (summary["final_min"], summary["final_max"]) == (0.80, 0.90)
   assert summary["final_max_dev"] == pytest.approx(0.05)
-  assert summary["distinct_runs"] == 3 and not any("same_as" in r for r in summary["runs"])
+  assert summary["distinct_runs"] == 3 and not any("same_bits_as" in r for r in summary["runs"])
   runs["no_cap"] = dict(runs["avx2_cap"])  # the same bits: marked, and not a distinct run
+  runs["ulp_down"] = dict(runs["avx2_cap"], train_losses=[-0.1])  # only the training differs
   summary = default_spread.summarize(runs, [])
-  assert summary["runs"][-1]["same_as"] == "avx2_cap" and summary["distinct_runs"] == 3
+  assert summary["runs"][3]["same_bits_as"] == "avx2_cap" and summary["distinct_runs"] == 4
+  assert "same_bits_as" not in summary["runs"][4]
 
 
 def test_init_ulp_moves_every_float_parameter_by_ulps():
