@@ -49,13 +49,16 @@ PERTURBATIONS = {
 }
 FLAGFILE = "experiments/configs/tiny_cpu.flags"
 
-flags.DEFINE_list("perturbations", ["avx2_cap", "no_cap", "ynn_off", "ulp_up", "ulp_down",
-                                     "avx_cap"],
-                  f"Which runs ({', '.join(PERTURBATIONS)}).")
-flags.DEFINE_string("out", "results/default_spread", "Output folder (relative: to the repository "
-                    "root).")
-flags.DEFINE_list("extra", [], "More flags for every run, e.g. --extra=--steps=20.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """This script's flags; defined when it runs, so that importing it (the test) defines none."""
+  flags.DEFINE_list("perturbations", ["avx2_cap", "no_cap", "ynn_off", "ulp_up", "ulp_down",
+                                       "avx_cap"], f"Which runs ({', '.join(PERTURBATIONS)}).")
+  flags.DEFINE_string("out", "results/default_spread", "Output folder (relative: to the "
+                      "repository root).")
+  flags.DEFINE_list("extra", [], "More flags for every run, e.g. --extra=--steps=20.")
 
 
 def cpu_name() -> str:
@@ -149,4 +152,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -27,12 +27,17 @@ from brpo.run import flags as flags_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = "experiments/warmstarts/tiny_arith"
 
-flags.DEFINE_string("out", SHIPPED, "Folder to write (relative: to the repository root).")
-flags.DEFINE_string("flagfile_of_run", "experiments/configs/tiny_cpu.flags",
-                    "The run whose warm start to make (its --model, --train_data, --eval_data, "
-                    "--warmstart_* flags decide it).")
-flags.DEFINE_list("extra", [], "More flags of that run, e.g. --extra=--warmstart_seed=1.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """This script's flags; defined when it runs, so that importing `make` defines none (the
+  test imports it beside other scripts' flags)."""
+  flags.DEFINE_string("out", SHIPPED, "Folder to write (relative: to the repository root).")
+  flags.DEFINE_string("flagfile_of_run", "experiments/configs/tiny_cpu.flags",
+                      "The run whose warm start to make (its --model, --train_data, "
+                      "--eval_data, --warmstart_* flags decide it).")
+  flags.DEFINE_list("extra", [], "More flags of that run, e.g. --extra=--warmstart_seed=1.")
 
 
 def make(out: str, flagfile: str = "experiments/configs/tiny_cpu.flags",
@@ -72,4 +77,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
