@@ -129,3 +129,23 @@ def test_a_refused_compile_is_one_line(devices, capsys):
   assert out[0]["update_gb"].startswith("does not fit: update needs ")
   assert "Traceback" not in text
 
+
+
+def test_tpu_flagfiles_are_the_paper_recipe_with_the_fitted_flags():
+  """experiments/configs/tpu/<name>.flags: the paper flagfile plus the flags that --fit printed
+  for that slice at b_max 8000 (results/tpu_aot/<name>_b8000.json, fits true); they parse."""
+  folder = os.path.join(ROOT, "experiments", "configs", "tpu")
+  names = sorted(f[:-6] for f in os.listdir(folder) if f.endswith(".flags"))
+  assert "v4-8" in names
+  for name in names:
+    with open(os.path.join(folder, f"{name}.flags")) as f:
+      lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "--flagfile=experiments/configs/deepseek_r1_1.5b_math.flags", name
+    with open(os.path.join(ROOT, "results", "tpu_aot", f"{name}_b8000.json")) as f:
+      found = json.load(f)
+    assert found["fits"] and found["target"] == f"tpu:{name}", name
+    assert lines[1:] == found["flags"], name
+    ec = gsm_math.config_from_args([f"--flagfile={folder}/{name}.flags"], relative_to=ROOT)
+    flags = dict(f[2:].split("=", 1) for f in found["flags"])
+    assert ec.rl.b_max == 8000 and ec.model.remat == flags["remat"], name
+    assert ec.rl.rollout_batch == int(flags["rollout_batch"]), name
