@@ -411,3 +411,59 @@ def test_decode_loop_reads_cache_blocks_without_transposes(params):
   block = (b, CFG.n_kv_heads, state.cache.length, CFG.head_dim)  # one block: the whole cache
   assert f"f32[{b},{CFG.n_kv_heads},{block[2]},{CFG.head_dim}]" in hlo
   assert _transposed_cache_blocks(hlo, block) == []
+
+
+def test_chunked_branch_sampling_equals_whole(params):
+  """Issue #24: the branches' logits, draws and log-probs computed C / n at a time (`lax.map`;
+  the paper shape's float32 logits are 0.6 GB per device) give the summaries of all C at once,
+  on one device and with rows over fsdp: per-branch keys make each draw independent of its
+  batch."""
+  from brpo import rows as rows_lib
+  from brpo.rollout import branches as br
+  from models import sharding as shd
+
+  rows, c, n_new, s_len = [p for p in PROMPTS for _ in range(2)], 4, 8, 5
+  keys = smp.row_keys(jax.random.PRNGKey(3), np.arange(len(rows)))
+  _, state = smp.sample(params, CFG, rows, n_new, smp.Temperature(1.0), rng=keys, pad_id=0,
+                        write_last=True, return_state=True)
+  rng = np.random.default_rng(0)
+  r = len(rows)
+  cut = jnp.asarray(rng.integers(0, n_new + 1, (r, c)), jnp.int32)
+  insert = jnp.asarray(rng.integers(1, 63, (r, c, 2)), jnp.int32)
+  insert_len = jnp.asarray(rng.integers(1, 3, (r, c)), jnp.int32)
+  active = jnp.asarray(rng.random((r, c)) > 0.2)
+  br_keys = jax.vmap(lambda k: smp.row_keys(k, np.arange(c)))(
+      smp.row_keys(jax.random.PRNGKey(7), np.arange(r)))  # [R, C, 2]
+  args = (CFG, state.cache, state.start, state.n_prompt, cut, insert, insert_len, active)
+
+  def run(p, args, keys, strategy, n, mesh=None, rows_here=r):
+    """decode_branches in n chunks: the float32 logits of C / n branches of the device's rows
+    are the most `logits_bytes` allows."""
+    limit = rows_here * (c // n) * CFG.vocab_size * 4
+    assert br.logit_chunks(rows_here, c, CFG.vocab_size, limit) == n
+    return br.decode_branches(p, *args, keys, prompt_len=state.cache.length - n_new,
+                              summary_len=s_len, strategy=strategy, eos_id=63, pad_id=0,
+                              mesh=mesh, logits_bytes=limit)
+
+  for strategy in (smp.Temperature(0.7), smp.TopP(0.9, 1.0, k=8)):
+    whole = run(params, args, br_keys, strategy, 1)
+    assert int(whole[2].sum()) > r, "fixture: the branches should decode summaries"
+    for n in (2, c):
+      got = run(params, args, br_keys, strategy, n)
+      np.testing.assert_array_equal(got[0], whole[0], err_msg=f"{strategy} chunks={n}")
+      np.testing.assert_array_equal(got[2], whole[2])
+      np.testing.assert_allclose(got[1], whole[1], atol=1e-5)
+  assert br.logit_chunks(64, 16, 151936) == 2  # v4-8 at 256 rows: 64 rows per device
+  assert br.logit_chunks(32, 16, 151936) == 1 and br.logit_chunks(1, 3, 10, 1) == 3
+  # Rows over fsdp (2 per device of the (1, 4, 2) mesh), 2 chunks of 2 branches.
+  mesh = shd.make_mesh((1, 4, 2))
+  put = lambda x: jax.device_put(x, rows_lib.row_sharding(mesh, x.shape[0], x.ndim))
+  sp = shd.shard_tree(params, dec.param_axes(CFG), mesh)
+  sargs = (CFG, jax.tree.map(put, state.cache), *map(put, args[2:]))
+  whole = run(params, args, br_keys, smp.Temperature(0.7), 1)
+  got = run(sp, sargs, put(br_keys), smp.Temperature(0.7), 2, mesh=mesh, rows_here=r // 4)
+  np.testing.assert_array_equal(got[0], whole[0])
+  np.testing.assert_allclose(got[1], whole[1], atol=1e-5)
+  with pytest.raises(ValueError, match="per-branch keys"):
+    br.sample_branches(params, CFG, jnp.zeros((2, 4, CFG.d_model)), jax.random.PRNGKey(0),
+                       smp.Temperature(1.0), chunks=2)

@@ -14,6 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from brpo import rows as rows_lib
 from brpo.rollout import sampling
 from models import attention as attn
 from models import decoder as dec
@@ -83,6 +84,48 @@ def branch_attention_filled(q, k_new, v_new, trunk_k, trunk_v, start, trunk_end,
   return o, br_k, br_v
 
 
+# Per device, float32 logits [R, C, V] larger than this are computed C / n branches at a time.
+LOGITS_BYTES = 2 ** 29
+
+
+def logit_chunks(rows: int, c: int, vocab: int, limit: int = LOGITS_BYTES) -> int:
+  """The fewest chunks n (a divisor of C) whose float32 logits [rows, C / n, V] fit `limit`
+  bytes (C when none does). rows: the rows one device holds."""
+  return next((n for n in range(1, c + 1) if c % n == 0 and rows * (c // n) * vocab * 4 <= limit),
+              c)
+
+
+def sample_branches(params, cfg: ModelConfig, h, keys, strategy, chunks: int = 1):
+  """The next token of C branches per row and its log-prob: logits, draw, log-prob.
+
+  h: [R, C, D] final hidden states; keys: one key, or per-branch keys [R * C, 2] (raw) or
+  [R * C] (typed). chunks: a divisor of C; with chunks > 1 (per-branch keys only) the branches
+  go C / chunks at a time through `lax.map`, so that only [R, C / chunks, V] float32 logits are
+  live at once (the paper-shape vocabulary makes the full ones 0.6 GB per device). A branch's
+  draw depends only on its own key and logits, so chunking changes no sample.
+  Returns (tokens [R, C] int32, logp [R, C] float32).
+  """
+  r, c, d = h.shape
+
+  def one(h, keys):  # h [R, k, D], keys [R * k, ...]
+    logits = dec.logits_from_hidden(params, cfg, h)  # [R, k, V]
+    tok = strategy(keys, logits.reshape(-1, logits.shape[-1])).reshape(h.shape[:2])
+    return tok, sampling.token_logprobs(logits, tok, strategy.temperature)
+
+  if chunks == 1:
+    return one(h, keys)
+  if not sampling.per_row(keys):
+    raise ValueError("sample_branches: chunks > 1 needs per-branch keys (one key draws for the "
+                     "whole batch at once)")
+  k = c // chunks
+  split = lambda x: x.reshape(r, chunks, k, *x.shape[2:]).swapaxes(0, 1)  # [n, R, k, ...]
+  ks = split(keys.reshape(r, c, *keys.shape[1:]))
+  tok, lp = jax.lax.map(lambda x: one(x[0], x[1].reshape(r * k, *x[1].shape[2:])),
+                        (split(h), ks))  # [n, R, k]
+  join = lambda x: x.swapaxes(0, 1).reshape(r, c)
+  return join(tok), join(lp)
+
+
 @flax.struct.dataclass
 class BranchState:
   k: tuple[jax.Array, ...]  # L x [R, C, K, W, Dh]
@@ -96,11 +139,12 @@ class BranchState:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "prompt_len", "summary_len", "strategy",
-                                             "eos_id", "pad_id", "dense", "block", "mesh"))
+                                             "eos_id", "pad_id", "dense", "block", "mesh",
+                                             "logits_bytes"))
 def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_prompt, cut_len,
                     insert, insert_len, active, rng, *, prompt_len: int, summary_len: int,
                     strategy, eos_id: int, pad_id: int, dense: bool = False,
-                    block: int | None = None, mesh=None):
+                    block: int | None = None, mesh=None, logits_bytes: int = LOGITS_BYTES):
   """Decodes C branches per row, each reading its parent's trunk cache up to its own cut.
 
   Args:
@@ -113,6 +157,9 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
     dense: read every trunk slot under a mask (the reference) instead of only the blocks below
       the longest cut (`branch_attention_filled`). block: the trunk's key block (None:
       cfg.decode_block).
+    logits_bytes: with per-branch keys, each step's logits, draws and log-probs are computed in
+      the fewest chunks along C whose float32 logits fit this many bytes per device
+      (`sample_branches`, `logit_chunks`); the samples are the same.
     mesh: the branch caches are sharded like the trunk (rows over the batch axes, kv heads over
       tensor: `sampling.CACHE_AXES`), the activations constrained to it.
   Returns:
@@ -127,8 +174,12 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
   trunk_end = prompt_len + cut_len
   trunk_mask = (slots[None, None] >= start[:, None, None]) & (
       slots[None, None] < trunk_end[..., None]) if dense else None
+  chunks = 1
   if sampling.per_row(rng):
     rng = rng.reshape(r * c, *rng.shape[2:])
+    ways = rows_lib.batch_ways(mesh) if mesh is not None else 1
+    local = r // ways if r % ways == 0 else r  # rows per device (replicated when not divisible)
+    chunks = logit_chunks(local, c, cfg.vocab_size, logits_bytes)
   dtype = trunk.k[0].dtype
   branch_axes = (sampling.CACHE_AXES[0], None) + sampling.CACHE_AXES[1:]  # [R, C, K, W, Dh]
   constrain = lambda xs: tuple(shd.constrain(x, mesh, branch_axes) for x in xs)
@@ -159,11 +210,9 @@ def decode_branches(params, cfg: ModelConfig, trunk: dec.KVCache, start, n_promp
 
     layers = list(zip(trunk.k, trunk.v, s.k, s.v))
     h, new = dec.decoder(params, cfg, tok, pos, attend, layers, mesh=mesh)
-    logits = dec.logits_from_hidden(params, cfg, h)  # [R, C, V]
     nxt = k + 1
     rng, key = sampling.step_keys(s.rng, nxt)
-    sampled = strategy(key, logits.reshape(r * c, -1)).reshape(r, c)
-    lp = sampling.token_logprobs(logits, sampled, strategy.temperature)
+    sampled, lp = sample_branches(params, cfg, h, key, strategy, chunks)  # [R, C]
     live = ~s.done & (nxt >= insert_len)
     cur = jax.lax.dynamic_index_in_dim(s.tokens, nxt, axis=2, keepdims=False)
     tokens = jax.lax.dynamic_update_index_in_dim(
