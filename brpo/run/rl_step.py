@@ -156,8 +156,10 @@ def rl_step(state: TrainState, prompts: Sequence[Sequence[int]], references: Seq
   batch = packing.ragged(batch, rl.pack_buckets, ctx.cfg.attention_block)  # step's longest row
   rows_per_mb = rl.mini_batch_prompts * g
   logp_gap = None
+  t_old = time.perf_counter()
   if rl.old_logp == "recompute":  # SPEC §7: the trainer's own log-probs before the update.
     batch, logp_gap = recompute_old_logp(state.params, batch, ctx, rows_per_mb)
+  timings["old_logp"] = time.perf_counter() - t_old
   # Mini-batches of whole groups, in a fresh order each epoch.
   step_metrics: list[dict[str, Any]] = []
   for epoch in range(rl.ppo_epochs):
@@ -230,6 +232,7 @@ def _metrics(ro, rewards, think_adv, step_metrics, rl: RLConfig, timings, phases
   out["rollout_tokens_per_s"] = gen / max(phases["rollout"], 1e-9)
   out["seconds/thinking"] = timings.get("thinking", float("nan"))
   out["seconds/summaries"] = timings.get("summaries", float("nan"))
+  out["seconds/old_logp"] = timings.get("old_logp", 0.0)  # within seconds/update
   out["seconds/grading"] = phases["grading"]
   out["seconds/update"] = phases["update"]
   out["seconds/step"] = sum(phases.values())

