@@ -49,7 +49,7 @@ def config(flagfile: str, workdir: str, *more: str):
 
   return flags_lib.config_from_args(
       [f"--flagfile={flagfile}", f"--workdir={workdir}",
-       f"--warmstart_dir={os.path.join(FLAGS.workdir, 'warmstart')}", "--progress=false",
+       f"--warmstart_dir={os.path.join(ROOT, FLAGS.workdir, 'warmstart')}", "--progress=false",
        *more, *[f"--{e.lstrip('-')}" for e in FLAGS.extra]], relative_to=ROOT)
 
 
