@@ -315,13 +315,13 @@ def table(folder: str) -> str:
   for name in sorted(os.listdir(folder)):
     if name.endswith(".json") and os.path.getsize(os.path.join(folder, name)):
       with open(os.path.join(folder, name)) as f:
-        rows.append(json.loads(f.read()))
+        rows.append(dict(json.loads(f.read()), code=_commit(os.path.join(folder, name))))
   order = list(tpu_aot.TOPOLOGIES)
   rows.sort(key=lambda r: (r["b_max"], order.index(r["target"][4:])
                            if r["target"][4:] in order else len(order)))
   out = ["| topology | devices (hosts) | b_max | HBM per device | fits | flags | update | "
-         "rollout, per call (prefill / thinking / summaries) | + resident state |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         "rollout, per call (prefill / thinking / summaries) | + resident state | code |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     ph = r.get("rollout_phases_gb") or {}
     roll = ("-" if r["rollout_gb"] is None else f"{r['rollout_gb']:.2f} "
@@ -329,8 +329,22 @@ def table(folder: str) -> str:
     upd = "-" if r["update_gb"] is None else f"{r['update_gb']:.2f}"
     out.append(f"| {r['target'][4:]} | {r['devices']} ({r['processes']}) | {r['b_max']} | "
                f"{r['hbm_gb']:.2f} | {'yes' if r['fits'] else 'no'} | "
-               f"`{' '.join(r['flags'])}` | {upd} | {roll} | {r['resident_gb']:.2f} |")
+               f"`{' '.join(r['flags'])}` | {upd} | {roll} | {r['resident_gb']:.2f} | "
+               f"{r['code']} |")
   return "\n".join(out)
+
+
+def _commit(json_path: str) -> str:
+  """The commit a saved --fit ran on: the first line of the `.state` file beside its JSON line
+  ("HEAD <sha> ..."), shortened, with "+" when the work tree then differed from it; "-" if none."""
+  state = json_path[:-len(".json")] + ".state"
+  if not os.path.exists(state):
+    return "-"
+  with open(state) as f:
+    lines = f.read().splitlines()
+  head = lines[0].split()[1][:7] if lines and lines[0].startswith("HEAD ") else "-"
+  dirty = any(line.startswith("diff ") and not line.endswith("da39a3ee5e6b") for line in lines)
+  return head + ("+" if dirty else "")
 
 
 PAPER_FLAGFILE = "experiments/configs/deepseek_r1_1.5b_math.flags"

@@ -149,3 +149,24 @@ def test_tpu_flagfiles_are_the_paper_recipe_with_the_fitted_flags():
     flags = dict(f[2:].split("=", 1) for f in found["flags"])
     assert ec.rl.b_max == 8000 and ec.model.remat == flags["remat"], name
     assert ec.rl.rollout_batch == int(flags["rollout_batch"]), name
+
+
+def test_fit_table_names_the_code_of_each_result(tmp_path):
+  """python -m benchmarks.fit RESULTS: one row per saved --fit line, ordered by b_max and slice,
+  each with the commit its `.state` file names ("+": the work tree differed; "-": no file)."""
+  line = {"hbm_gb": 33.02, "update_gb": 25.19, "rollout_gb": 12.31, "resident_gb": 5.33,
+          "fits": True, "flags": ["--mesh=1,-1,1"], "devices": 4, "processes": 1,
+          "rollout_phases_gb": {"prefill": 9.73, "thinking": 11.79, "summaries": 12.31},
+          "rollout_calls": 4}
+  for name, b, state in (("v5e-8", 8000, "HEAD 2a1cf79a26c5 (git archive of HEAD)\n"),
+                         ("v4-8", 16000, "HEAD fb051cc7b3f0\ndiff brpo models sha1 64200c82eace\n"),
+                         ("v4-8", 8000, None)):
+    (tmp_path / f"{name}_b{b}.json").write_text(json.dumps(dict(line, target=f"tpu:{name}",
+                                                                b_max=b)))
+    if state:
+      (tmp_path / f"{name}_b{b}.state").write_text(state)
+  rows = fit.table(str(tmp_path)).splitlines()[2:]
+  assert [r.split(" | ")[0] + " " + r.split(" | ")[2] for r in rows] == [
+      "| v4-8 8000", "| v5e-8 8000", "| v4-8 16000"]
+  assert [r.split(" | ")[-1] for r in rows] == ["- |", "2a1cf79 |", "fb051cc+ |"]
+  assert "12.31 (9.73 / 11.79 / 12.31), 4 call(s)" in rows[0]
