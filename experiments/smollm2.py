@@ -208,8 +208,8 @@ def main(argv: Sequence[str]) -> None:
   print(f"step 0: anytime {start['anytime_score']:.3f} final {start['final_accuracy']:.3f} "
         f"({time.time() - t:.0f} s)", flush=True)
   runs: dict[str, dict[int, dict]] = {}
-  for method in FLAGS.methods:
-    for seed in seeds:
+  for seed in seeds:  # seed by seed: an interrupted invocation leaves both methods comparable
+    for method in FLAGS.methods:
       t = time.time()
       runs.setdefault(method, {})[seed] = r = run_one(args, method, seed)
       print(f"{method} seed {seed}: anytime {r['anytime_score']:.3f} final "
