@@ -493,10 +493,13 @@ def write_report(args) -> str:
     L += ["", f"Evaluation ({e['n_questions']} questions): anytime score "
           f"{e['anytime_score']:.3f}, final accuracy {e['final_accuracy']:.3f} at budgets "
           f"{e['budgets']}."]
-  notes = os.path.join(os.path.dirname(args.report), "results_notes.md")
-  if os.path.exists(notes):
-    with open(notes) as f:
-      L += ["", f.read().strip()]
+  # experiments/smollm2.py writes its own section (a real model, AR-uniform against GRPO), and
+  # the hand-written notes follow.
+  for part in (os.path.join(args.out, "smollm2", "report.md"),
+               os.path.join(os.path.dirname(args.report), "results_notes.md")):
+    if os.path.exists(part):
+      with open(part) as f:
+        L += ["", f.read().strip()]
   os.makedirs(os.path.dirname(args.report), exist_ok=True)
   with open(args.report, "w") as f:
     f.write("\n".join(L) + "\n")

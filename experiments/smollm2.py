@@ -9,11 +9,13 @@ GRPO, on 2 CPU cores.
 2. The step-0 model: that warm start evaluated like the runs' final models (--mode=eval).
 3. GRPO (smollm2_135m_arith_grpo.flags) and AR-uniform (smollm2_135m_arith.flags) from that same
    start, the same seeds and steps, each evaluated on the same held-out questions and budgets.
+4. SmolLM2 as shipped (--init=checkpoint), evaluated the same way.
 
 Checkpoints stay in --workdir (a 135M model's training state is 1.6 GB); each run's eval.json,
 eval_samples.jsonl and metrics.jsonl are copied to <out>/<method>/seed<s>/, with
-<out>/summary.json, accuracy.png (accuracy against budget) and training.png. A completed run is
-read back, not redone; an interrupted one resumes from its last checkpoint.
+<out>/summary.json, accuracy.png (accuracy against budget), training.png, warmstart.json and
+report.md (the section of docs/RESULTS.md). A completed run is read back, not redone; an
+interrupted one resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -96,6 +98,18 @@ def run_start(args: Args) -> dict:
   return _read(done)
 
 
+def run_pretrained(args: Args) -> dict:
+  """SmolLM2 as shipped (no warm start), evaluated like the runs: what the task asks of it."""
+  from brpo.run import runner
+
+  workdir = os.path.join(args.workdir, "pretrained")
+  done = os.path.join(workdir, "eval.json")
+  if not os.path.exists(done):
+    runner.main(config(args, METHODS["ar_uniform"], workdir, "--mode=eval", "--init=checkpoint"))
+  _copy(workdir, os.path.join(args.out, "pretrained"))
+  return _read(done)
+
+
 def run_one(args: Args, method: str, seed: int) -> dict:
   """One training run to args.steps (resumed if interrupted) -> its final eval.json."""
   from brpo.run import runner
@@ -152,6 +166,43 @@ def table(summary: dict) -> str:
                    f"{cell(r['final'])} | {cell(r['thinking_tokens'])} | "
                    f"{summary['step_s'][method]:.0f} |")
   return "\n".join(lines)
+
+
+def report(summary: dict, args: Args) -> str:
+  """<out>/report.md, the section of docs/RESULTS.md (experiments/ablation.py includes it): how
+  the warm start went, the table, and accuracy at a few budgets. Returns its path."""
+  ws_path = os.path.join(args.workdir, "warmstart", "warmstart.json")
+  lines = ["## A real model: SmolLM2-135M-Instruct, AR-uniform against GRPO", "",
+           f"`python experiments/smollm2.py --seeds={','.join(map(str, summary['seeds']))} "
+           f"--steps={summary['steps']}`: `{summary['flagfile']}` (AR-uniform) and "
+           f"`{summary['flagfiles']['grpo']}` (GRPO) from one warm start, evaluated on "
+           f"{summary['n_questions']} held-out questions at {len(summary['budgets'])} budgets "
+           f"({summary['budgets'][0]} to {summary['budgets'][-1]} tokens).", ""]
+  if os.path.exists(ws_path):
+    ws = _read(ws_path)
+    checks = ", ".join(f"{a:.3f} at step {s}" for s, a in ws["results"]["checks"])
+    lines += [f"Warm start: SmolLM2 fine-tuned on gold traces ({ws['warm_start']['template']} "
+              f"template, lr {ws['warm_start']['learning_rate']:g}, batch "
+              f"{ws['warm_start']['batch_size']}), {ws['results']['steps_run']} steps in "
+              f"{ws['results']['train_seconds'] / 60:.0f} minutes; held-out greedy accuracy at "
+              f"{ws['warm_start']['check_budget']} tokens: {checks}.", ""]
+  if "pretrained" in summary:
+    p = summary["pretrained"]
+    lines += [f"SmolLM2 as shipped, evaluated the same way: anytime {p['anytime']:.3f}, final "
+              f"{p['final']:.3f}.", ""]
+  lines += [table(summary), ""]
+  picks = sorted({0, len(summary["budgets"]) // 4, len(summary["budgets"]) // 2,
+                  len(summary["budgets"]) - 1})
+  lines += ["| accuracy at | " + " | ".join(f"{summary['budgets'][i]} tokens" for i in picks)
+            + " |", "|---|" + "---|" * len(picks)]
+  rows = [(LABELS["start"], _read(os.path.join(args.out, "start", "eval.json"))["accuracy"])]
+  rows += [(LABELS[m], summary[m]["accuracy"]) for m in METHODS if m in summary]
+  for label, acc in rows:
+    lines.append(f"| {label} | " + " | ".join(f"{acc[i]:.3f}" for i in picks) + " |")
+  path = os.path.join(args.out, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path
 
 
 def plot(summary: dict, seeds: list[int], out: str) -> None:
@@ -214,10 +265,16 @@ def main(argv: Sequence[str]) -> None:
       runs.setdefault(method, {})[seed] = r = run_one(args, method, seed)
       print(f"{method} seed {seed}: anytime {r['anytime_score']:.3f} final "
             f"{r['final_accuracy']:.3f} ({time.time() - t:.0f} s)", flush=True)
+  pre = run_pretrained(args)
   summary = summarize(args, start, runs, seeds)
+  summary["pretrained"] = {"anytime": pre["anytime_score"], "final": pre["final_accuracy"]}
   with open(os.path.join(args.out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
+  ws = os.path.join(args.workdir, "warmstart", "warmstart.json")
+  if os.path.exists(ws):
+    shutil.copy(ws, os.path.join(args.out, "warmstart.json"))
   plot(summary, seeds, args.out)
+  report(summary, args)
   print(table(summary))
 
 

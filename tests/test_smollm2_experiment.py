@@ -71,3 +71,15 @@ def test_summary_table_and_plots_from_saved_runs(script, tmp_path):
   script.plot(summary, [0, 1], str(out))
   for name in ("accuracy.png", "training.png"):
     assert os.path.getsize(out / name) > 1000
+  os.makedirs(tmp_path / "work" / "warmstart")
+  (tmp_path / "work" / "warmstart" / "warmstart.json").write_text(json.dumps({
+      "warm_start": {"template": "chatml", "learning_rate": 1e-4, "batch_size": 16,
+                     "check_budget": 6},
+      "results": {"checks": [[40, 0.5], [60, 0.625]], "steps_run": 60, "train_seconds": 600}}))
+  summary["pretrained"] = {"anytime": 0.0, "final": 0.0}
+  with open(script.report(summary, args)) as f:
+    text = f.read()
+  assert "held-out greedy accuracy at 6 tokens: 0.500 at step 40, 0.625 at step 60." in text
+  assert "SmolLM2 as shipped, evaluated the same way: anytime 0.000, final 0.000." in text
+  assert "| accuracy at | 3 tokens | 6 tokens |" in text
+  assert "| AR-uniform | 0.310 | 0.500 |" in text  # the mean over seeds at each budget
