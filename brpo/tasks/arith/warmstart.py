@@ -1,8 +1,11 @@
-"""Supervised warm start: teaches a small decoder the synthetic task's thinking traces before RL,
-and saves or reuses the result: orbax params, the tokenizer `.model`, a JSON of the settings.
+"""Supervised warm start: teaches a decoder the synthetic task's thinking traces before RL, and
+saves or reuses the result: orbax params, the tokenizer, a JSON of the settings.
 
-It stops early once a held-out accuracy, measured by a function the caller passes in (the run
-system passes the main anytime evaluator), reaches `stop_accuracy`.
+Either a small named model from scratch, with the task's character tokenizer (the CPU default),
+or a pretrained checkpoint fine-tuned with its own tokenizer on traces in its chat template
+(`WarmStartConfig.base`; SmolLM2 in experiments/configs/smollm2_135m_arith.flags). It stops at
+the plateau of a held-out accuracy, or once it reaches `stop_accuracy`, measured by a function the
+caller passes in (the run system passes the main anytime evaluator).
 """
 
 from __future__ import annotations
