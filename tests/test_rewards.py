@@ -245,6 +245,27 @@ def test_no_relative_tolerance():
   assert grading.grade(summary("0.5"), "\\frac{1}{2}") == 1.0
 
 
+@pytest.mark.parametrize("answer, reference, expected", [
+    ("5+7-3", "9", 0.0),  # The arithmetic task's question, boxed (issue #25's reward hack).
+    ("8-7+3-2", "2", 0.0),
+    ("12 \\times 3", "36", 0.0),
+    ("2^{3}", "8", 0.0),
+    ("\\frac{1}{2}+1", "1.5", 0.0),
+    ("x=5+4", "9", 0.0),
+    ("5+7-3=9", "9", 1.0),  # A worked answer: its right-hand side is graded.
+    ("5+7-3=8", "9", 0.0),
+    ("-9", "-9", 1.0),  # Signs, fractions, scientific notation are numbers, not arithmetic.
+    ("\\frac{18}{2}", "9", 1.0),
+    ("1.2 \\times 10^{1}", "12", 1.0),
+    ("x = 9", "9", 1.0),
+    ("\\sqrt{81}", "9", 1.0),
+    ("3+\\sqrt{2}", "3+\\sqrt{2}", 1.0),  # A symbolic reference keeps the symbolic path.
+    ("\\sqrt{2}+3", "3+\\sqrt{2}", 1.0),
+])
+def test_unevaluated_arithmetic_is_not_an_answer(answer, reference, expected):
+  assert grading.grade(summary(answer), reference) == expected
+
+
 def test_list_reference_accepts_any():
   assert grading.grade(summary("0.02"), ["0.01\n", "0.02\n"]) == 1.0
   assert grading.grade(summary("0.03"), ["0.01\n", "0.02\n"]) == 0.0
@@ -390,7 +411,7 @@ def test_crashing_and_hanging_workers_score_zero_and_pool_recovers():
     first_pids = g.worker_pids()
     responses = [summary("CRASH"), summary("\\sqrt{8}"), summary("HANG"), summary("SEGFAULT"),
                  summary("2^{3}"), summary("HANG"), summary("\\frac{6}{4}")]
-    references = ["1", "2\\sqrt{2}", "1", "1", "8", "2", "\\frac{3}{2}"]
+    references = ["1", "2\\sqrt{2}", "1", "1", "2^3", "2", "\\frac{3}{2}"]
     scores = g.grade_batch(responses, references)
     np.testing.assert_array_equal(scores, [0, 1, 0, 0, 1, 0, 1])
     assert g.stats["crashes"] == 2 and g.stats["timeouts"] == 2

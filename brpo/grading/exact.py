@@ -4,6 +4,10 @@
   (`fractions.Fraction`): "72" == "72.0" == "7.2 \\times 10^{1}", but 0.333 != 1/3.
 - Identical LaTeX (after a conservative canonical spelling) is correct.
 - Missing, over-long or too deeply nested answers score 0.
+- Unevaluated arithmetic scores 0 against a plain-number reference: "5+7-3" or "12 \\times 3" is
+  the question restated, not its answer, and math-verify would evaluate it and call it correct
+  (a policy trained on the arithmetic task learned to box the question; issue #25). After an "=",
+  only the right-hand side counts ("5+7-3=9" goes on to be graded).
 Everything this path decides is decided by pure Python on the answer text alone, so its verdict
 never depends on machine load (issue #16); only what it leaves undecided goes to `verify`.
 """
@@ -35,6 +39,10 @@ _TRAILING_UNIT = re.compile(
     r"\s*\\(?:text|textrm|mathrm|mbox)\s*\{\s*[A-Za-z][A-Za-z .]*\}\s*$")
 _TRAILING_DEGREE_OR_PERCENT = re.compile(r"\s*(?:\^\s*\{?\s*\\circ\s*\}?|°|\\%|%)\s*$")
 _LATEX_SPACES = re.compile(r"\\[!,;: ]|~")
+# An operator between two operands ("5+7", "3 \\times (2", "2^{3}", "\\frac{1}{2}+1"): arithmetic
+# left for the grader to do. Signs ("-9"), fractions and scientific notation are parsed before this.
+_UNEVALUATED = re.compile(
+    r"[\d)}]\s*(?:[-+*/^×÷·]|\\times|\\cdot|\\div)\s*[\d({\\.]")
 _EXPONENT_LIMIT = 400  # 10^400 is still a cheap Fraction; larger goes to the symbolic path.
 _MAX_NUMBER_CHARS = 200
 
@@ -131,6 +139,9 @@ def fast_verdict(answer: str | None,
     return 0.0, ()
   value = exact_number(answer)
   canonical = _canonical(answer)
+  if (value is None and _UNEVALUATED.search(answer.rsplit("=", 1)[-1])
+      and all(exact_number(gold) is not None for gold in golds)):
+    return 0.0, ()
   undecided = []
   for gold in golds:
     if _canonical(gold) == canonical:
