@@ -18,7 +18,8 @@ memory bandwidth measured here (a jitted reduction over a 512 MB array; on accel
 `loop_roofline_fraction` (ours) and `hf_loop_roofline_fraction` count the decode loop alone: each
 engine is also timed on the prompt with one new token (its prefill), and the loop's step time is
 (end to end - that) / (new tokens - 1). `--profile DIR` adds a `jax.profiler` trace of our decode
-loop and a table of its XLA op kinds by thread time per step.
+loop and a table of its XLA op kinds by thread time per step. The roofline's parts are in
+benchmarks/roofline.py, the summary phase in benchmarks/summary_phase.py.
 
 A decode step also has FLOPs: 2 per parameter per row (plus attention over the filled keys). At
 batch B in float32 that is B / 2 FLOPs per parameter byte; where the machine's matmul peak
@@ -40,7 +41,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks.platform import best_time
+from benchmarks.platform import best_time, random_prompts
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "smaller sizes, a few minutes on 2 CPU cores")
@@ -61,68 +62,14 @@ flags.DEFINE_integer("rounds", 3, "decode throughput: rounds of timing every eng
                      "best time of each counts)")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from brpo.rollout import anytime as at  # noqa: E402
+from benchmarks.roofline import (matmul_floor, matmul_peak, memory_bandwidth,  # noqa: E402
+                                 step_bytes, t_floor_roof)
+from benchmarks.summary_phase import summary_phase  # noqa: E402
 from brpo.rollout import sampling as smp  # noqa: E402
 from models import config as config_lib  # noqa: E402
 from models import decoder as dec  # noqa: E402
-from models import masks  # noqa: E402
-
-
-def memory_bandwidth(mb: int = 512) -> float:
-  """Bytes/s of a jitted reduction that reads `mb` MB once (the roofline's denominator)."""
-  x = jnp.ones((mb * 2 ** 20 // 4,), jnp.float32)
-  f = jax.jit(jnp.sum)
-  t = best_time(lambda: f(x).block_until_ready(), 5)
-  return x.nbytes / t
-
-
-def matmul_peak(dtype: str = "float32", n: int = 2048) -> float:
-  """FLOP/s of a jitted n x n x n matmul (the compute roofline's denominator)."""
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  t = best_time(lambda: f(a).block_until_ready(), 5)
-  return 2 * n ** 3 / t
-
-
-def matmul_floor(params, cfg, batch: int) -> float:
-  """Seconds of one decode step's matmuls alone at `batch` rows (the per-layer weights and the
-  output head applied to a [batch, d_model] activation): what the step costs at best with XLA's
-  own dot kernels on this machine."""
-  dt = cfg.compute_dtype
-  head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-
-  def f(params, x):
-    for lp in params["layers"]:
-      q = jnp.einsum("bd,dhk->bhk", x, lp["wq"].astype(dt))
-      k = jnp.einsum("bd,dhk->bhk", x, lp["wk"].astype(dt))
-      v = jnp.einsum("bd,dhk->bhk", x, lp["wv"].astype(dt))
-      # k and v feed x (negligibly) so that XLA does not drop their matmuls as dead code.
-      x = x + jnp.einsum("bhk,hkd->bd", q, lp["wo"].astype(dt)) + (k.sum() + v.sum()) * 1e-9
-      a = (jnp.einsum("bd,df->bf", x, lp["w_gate"].astype(dt))
-           * jnp.einsum("bd,df->bf", x, lp["w_up"].astype(dt)))
-      x = x + jnp.einsum("bf,fd->bd", a, lp["w_down"].astype(dt))
-    spec = "bd,vd->bv" if cfg.tie_embeddings else "bd,dv->bv"
-    return jnp.einsum(spec, x, head.astype(dt))
-
-  g = jax.jit(f)
-  x = jnp.ones((batch, cfg.d_model), dt) * 1e-3
-  return best_time(lambda: g(params, x).block_until_ready(), 5)
-
-
-def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-  rng = np.random.default_rng(seed)
-  low = min(100, vocab // 4)  # clear of the special ids; small vocabularies (tiny: 128) too
-  return [rng.integers(low, vocab - low, size=length).tolist() for _ in range(batch)]
-
-
-def step_bytes(cfg, params, batch: int, filled: float) -> float:
-  """Bytes one decode step must read: all parameters, and K and V of `filled` slots per row."""
-  p = sum(x.nbytes for x in jax.tree.leaves(params))
-  kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-  return p + batch * filled * kv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +96,7 @@ def decode_throughput(batch: int, new_tokens: int, prompt_len: int, rounds: int,
   """Each engine end to end (prefill, then new_tokens greedy tokens), and each one's prefill
   with its first token alone (`*_first`): the difference is the decode loop of new_tokens - 1
   steps, whose own roofline fraction is `*_loop_roofline`."""
-  prompts = _prompts(batch, prompt_len, cfg.vocab_size)
+  prompts = random_prompts(batch, prompt_len, cfg.vocab_size)
 
   def ours(n=new_tokens):
     out = smp.sample(params, cfg, prompts, n, smp.Greedy(), pad_id=0)
@@ -211,7 +158,7 @@ def profile_decode(params, cfg, batch: int, prompt_len: int, new_tokens: int, ou
   import re
   from collections import Counter
 
-  prompts = _prompts(batch, prompt_len, cfg.vocab_size)
+  prompts = random_prompts(batch, prompt_len, cfg.vocab_size)
   tokens, valid = smp.pad_prompts(prompts, 0)
   stops = smp.stop_array([[-2]])
   kw = dict(strategy=smp.Greedy(), pad_id=0)
@@ -253,7 +200,7 @@ def compaction(params, cfg, batch: int, prompt_len: int, new_tokens: int, every:
   rng = np.random.default_rng(seed)
   limit = np.clip(np.round(rng.lognormal(np.log(new_tokens / 4), 1.0, batch)), 1,
                   new_tokens).astype(np.int32)
-  prompts = _prompts(batch, prompt_len, cfg.vocab_size, 3)
+  prompts = random_prompts(batch, prompt_len, cfg.vocab_size, 3)
   res = {"batch": batch, "new_tokens": new_tokens, "every": every,
          "mean_len": float(limit.mean()), "max_len": int(limit.max())}
   for name, kw in [("one_loop", {}), ("compact", {"compact_every": every})]:
@@ -265,72 +212,6 @@ def compaction(params, cfg, batch: int, prompt_len: int, new_tokens: int, every:
     res[f"{name}_s"], res[f"{name}_tok_s"] = t, float(limit.sum()) / t
   res["speedup"] = res["one_loop_s"] / res["compact_s"]
   return res
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Summary phase: shared trunk cache against re-prefilling each cut.
-
-
-def _memory(compiled) -> int:
-  m = compiled.memory_analysis()
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
-
-
-def summary_phase(params, cfg, rows: int, b_max: int, m: int, a: int, s: int, prompt_len: int,
-                  repeats: int) -> dict[str, float]:
-  """Both approaches decode the same C = m * A branches per thinking (greedy, S tokens, no early
-  stop) after the same thinking, cut at the same budgets."""
-  budgets = tuple(b_max // m * (j + 1) for j in range(m))
-  toks = at.AnytimeTokens(eos_id=-5, pad_id=0, think_end_ids=(7,),
-                          insert_running=tuple(range(11, 19)), insert_ended=(11, 12, 13))
-  prompts = _prompts(rows, prompt_len, cfg.vocab_size, 1)
-  thinking = np.asarray(_prompts(rows, b_max, cfg.vocab_size, 2))
-  # The thinking cache, as the sampler leaves it: one prefill of prompt + thinking.
-  tokens = jnp.asarray(np.concatenate([np.asarray(prompts), thinking], 1))
-  valid = jnp.ones(tokens.shape, bool)
-  trunk = jax.jit(lambda p, t: dec.prefill(p, cfg, t, masks.positions_from_valid(valid),
-                                           masks.causal_mask(valid),
-                                           dec.init_cache(cfg, rows, t.shape[1]))[1])(params,
-                                                                                    tokens)
-  # Cuts: every thinking runs past b_max here, so every budget is a distinct running cut.
-  length = jnp.full((rows,), b_max + 1, jnp.int32)
-  cuts = at.compute_cuts(length, jnp.full((rows,), -1), budgets, toks)
-  rep = lambda x: jnp.repeat(x, a, axis=1)
-  args = (params, cfg, trunk, jnp.zeros((rows,), jnp.int32), jnp.full((rows,), prompt_len),
-          rep(cuts.length), rep(cuts.insert), rep(cuts.insert_len),
-          jnp.ones((rows, m * a), bool), jax.random.PRNGKey(0))
-  kw = dict(prompt_len=prompt_len, summary_len=s, strategy=smp.Greedy(), eos_id=-5, pad_id=0)
-  t_ours = best_time(lambda: at.decode_branches(*args, **kw)[0].block_until_ready(), repeats)
-  mem_ours = _memory(at.decode_branches.lower(*args, **kw).compile())
-  # The plain approach: each branch's context [prompt | thinking[:cut] | inserted] prefilled
-  # into a cache of its own, then S tokens decoded.
-  contexts = []
-  ins = np.asarray(cuts.insert)
-  for r in range(rows):
-    for j, b in enumerate(budgets):
-      ctx = prompts[r] + thinking[r, :b].tolist() + ins[r, j, :int(cuts.insert_len[r, j])].tolist()
-      contexts.extend([ctx] * a)
-
-  def plain():
-    out = smp.sample(params, cfg, contexts, s, smp.Greedy(), pad_id=0)
-    out.tokens.block_until_ready()
-
-  t_plain = best_time(plain, repeats)
-  p_tok, p_valid = smp.pad_prompts(contexts, 0)
-  stops = smp.stop_array([[-2]])
-  pre = smp.prefill_jit.lower(params, cfg, p_tok, p_valid, stops, jax.random.PRNGKey(0),
-                              n_new=s, strategy=smp.Greedy(), pad_id=0).compile()
-  state = jax.eval_shape(lambda: smp.prefill_jit(params, cfg, p_tok, p_valid, stops,
-                                                 jax.random.PRNGKey(0), n_new=s,
-                                                 strategy=smp.Greedy(), pad_id=0))
-  dcd = smp.decode_jit.lower(params, cfg, state, stops, strategy=smp.Greedy(), pad_id=0,
-                             write_last=False).compile()
-  mem_plain = max(_memory(pre), _memory(dcd))
-  return {"rows": rows, "branches": rows * m * a, "b_max": b_max, "S": s,
-          "shared_s": t_ours, "reprefill_s": t_plain, "speedup": t_plain / t_ours,
-          "shared_mem_mb": mem_ours / 2 ** 20, "reprefill_mem_mb": mem_plain / 2 ** 20,
-          "mem_ratio": mem_ours / mem_plain}
 
 
 def hf_device(platform: str) -> str | None:
@@ -361,11 +242,6 @@ def hf_model_for(cfg, gguf_path: str | None):
          else transformers.LlamaConfig(head_dim=cfg.head_dim, **common))
     hf = transformers.AutoModelForCausalLM.from_config(c, torch_dtype=dtype)
   return hf.eval()
-
-
-def t_floor_roof(r) -> float:
-  """The memory roofline fraction of a step that took only its matmul floor."""
-  return r["roofline"] * r["ours_s"] / r["new_tokens"] / r["matmul_floor_s"]
 
 
 def main(argv):

@@ -31,6 +31,15 @@ def set_platform(argv=None, default: str = "cpu") -> str:
   return p
 
 
+def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+  """`batch` random token lists of `length` ids, clear of the low (special) ids."""
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  low = min(100, vocab // 4)  # clear of the special ids; small vocabularies (tiny: 128) too
+  return [rng.integers(low, vocab - low, size=length).tolist() for _ in range(batch)]
+
+
 def best_time(fn, repeats: int) -> float:
   """Best wall time in seconds of `repeats` calls of fn() (after one warm-up call that
   compiles); fn must wait for its result (block_until_ready)."""

@@ -14,6 +14,7 @@ from absl import flags
 from brpo.core import advantages as adv_lib
 from brpo.core import loss as loss_lib
 from brpo.run import config as C
+from brpo.run.settings import flag_name
 from brpo.run import flags as flags_lib
 from conftest import ROOT
 from models import tokenizer as tok_lib
@@ -37,7 +38,7 @@ def fresh() -> flags.FlagValues:
 
 def test_one_flag_per_field_and_no_other():
   fv = fresh()
-  by_flag = {C.flag_name(f): (group, f) for group, _, f in flags_lib.fields()}
+  by_flag = {flag_name(f): (group, f) for group, _, f in flags_lib.fields()}
   assert len(by_flag) == sum(1 for _ in flags_lib.fields())  # no two fields share a flag
   assert set(by_flag) == set(fv)  # no exclusions: every field has a flag and vice versa
   for name, (group, field) in by_flag.items():
@@ -51,7 +52,7 @@ def test_one_flag_per_field_and_no_other():
 def test_defaults_help_and_choices_come_from_the_fields():
   fv = fresh()
   for _, _, f in flags_lib.fields():
-    flag = fv[C.flag_name(f)]
+    flag = fv[flag_name(f)]
     default = list(map(str, f.default)) if isinstance(f.default, tuple) else f.default
     assert flag.default == default, f.name
     assert flag.help.endswith(f.metadata["help"]), f.name
@@ -83,7 +84,7 @@ def test_round_trip_flags_config_dict():
     value = ec.to_dict()[group][f.name]
     if isinstance(value, tuple):
       value = ",".join(map(str, value))
-    again.append(f"--{C.flag_name(f)}={value}")
+    again.append(f"--{flag_name(f)}={value}")
   assert flags_lib.config_from_args(again) == ec
 
 

@@ -17,6 +17,7 @@ import types
 import pytest
 
 from experiments import download_model
+from experiments import data_sources
 from experiments import prepare_data as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -313,7 +314,7 @@ def test_parse_names():
     (None, None),
 ])
 def test_last_boxed(solution, answer):
-  assert P.last_boxed(solution) == answer
+  assert data_sources.last_boxed(solution) == answer
 
 
 def test_render_rejects_nan():

@@ -1,7 +1,8 @@
 """Frozen configuration of a run: what experiments/gsm_math.py parses its flags into.
 
 Library functions take these dataclasses, never global flags, so a notebook can build them by
-hand. Each group mirrors one flag group of the README.
+hand. Each group mirrors one flag group of the README; the enum values and `setting` are in
+brpo/run/settings.py.
 """
 
 from __future__ import annotations
@@ -9,52 +10,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from typing import Any
 
 from brpo.core import advantages as adv_lib
 from brpo.core import budgets as budgets_lib
 from brpo.core import loss as loss_lib
 from brpo.rollout import anytime as at
+from brpo.run.settings import (DISTRIBUTED, DTYPES, INITS, LONG_PROMPTS, MODES,  # noqa: F401
+                               OLD_LOGP, PAPER_BENCHMARKS, SCHEDULES, SUMMARY_ADVANTAGES,
+                               check_choices, setting)
 from brpo.tasks import data as data_lib
 from models import config as model_configs
 from models import tokenizer as tok_lib
-
-SUMMARY_ADVANTAGES = ("decoupled", "grpo")
-INITS = ("warmstart", "random", "checkpoint")
-OLD_LOGP = ("recompute", "sampler")
-DTYPES = ("float32", "bfloat16")
-LONG_PROMPTS = ("skip", "error")
-SCHEDULES = ("constant", "cosine", "linear")
-MODES = ("train", "eval", "benchmarks")
-# The paper's five evaluation sets (SPEC §10) as prepare_data.py writes them under --data_dir.
-PAPER_BENCHMARKS = ("aime=anytime_eval/aime.json,amc=anytime_eval/amc.json,"
-                    "math500=anytime_eval/math.json,minerva=anytime_eval/minerva.json,"
-                    "olympiad=anytime_eval/olympiad_bench.json")
-DISTRIBUTED = ("auto", "on", "off")
-
-
-def setting(default: Any, help: str, *, flag: str | None = None,
-            choices: Sequence[str] | None = None) -> Any:
-  """A config field and its command-line flag (brpo/run/flags.py makes the flags from these).
-
-  help: the flag's help. flag: the flag's name where it is not the field's (kept so that
-  flagfiles keep working). choices: the allowed values (an enum flag; checked here too).
-  """
-  return dataclasses.field(default=default, metadata={
-      "help": help, "flag": flag, "choices": tuple(choices) if choices is not None else None})
-
-
-def flag_name(field: dataclasses.Field) -> str:
-  """The command-line name of a config field (error messages name the flag)."""
-  return field.metadata.get("flag") or field.name
-
-
-def _check_choices(cfg: Any) -> None:
-  for f in dataclasses.fields(cfg):
-    choices = f.metadata.get("choices")
-    if choices is not None and getattr(cfg, f.name) not in choices:
-      raise ValueError(f"--{flag_name(f)}={getattr(cfg, f.name)!r}: must be one of "
-                       f"{', '.join(choices)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +66,7 @@ class ModelSpec:
                               "skip (and count) or error.", choices=LONG_PROMPTS)
 
   def __post_init__(self):
-    _check_choices(self)
+    check_choices(self)
     # Caught here rather than at load time: a warm start would otherwise train first.
     known = ", ".join(model_configs.CONFIGS)
     if self.init == "random" and self.model not in model_configs.CONFIGS:
@@ -135,7 +102,7 @@ class DataConfig:
                           "read from (experiments/prepare_data.py writes there).")
 
   def __post_init__(self):
-    _check_choices(self)
+    check_choices(self)
 
   def path(self, spec: str) -> str:
     """A data spec as the loader reads it: a relative file path joined to data_dir; absolute
@@ -205,7 +172,7 @@ class RLConfig:
       "before the update) or sampler (the rollout's own log-probs).", choices=OLD_LOGP)
 
   def __post_init__(self):
-    _check_choices(self)
+    check_choices(self)
     checks = [
         (self.group_size >= 1, "group_size", ">= 1"),
         (self.n_summaries >= 1, "n_summaries", ">= 1"),
@@ -287,7 +254,7 @@ class OptimConfig:
   warmup_steps: int = setting(0, "Linear warmup (updates).")
 
   def __post_init__(self):
-    _check_choices(self)
+    check_choices(self)
     if self.lr <= 0:
       raise ValueError(f"--lr={self.lr}: must be > 0")
 
@@ -363,7 +330,7 @@ class RunConfig:
   progress: bool = setting(True, "Progress bars.")
 
   def __post_init__(self):
-    _check_choices(self)
+    check_choices(self)
     if len(self.mesh) != 3:
       raise ValueError(f"--mesh={','.join(map(str, self.mesh))}: expected 3 sizes "
                        "(data,fsdp,tensor)")

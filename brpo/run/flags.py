@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 from absl import flags
 
 from brpo.run import config as C
+from brpo.run.settings import flag_name
 
 
 def fields() -> Iterator[tuple[str, type, dataclasses.Field]]:
@@ -39,7 +40,7 @@ def _element_type(cls: type, f: dataclasses.Field) -> type | None:
 def define_flags(flag_values: flags.FlagValues) -> None:
   """Defines one flag per config field in `flag_values`."""
   for _, cls, f in fields():
-    name, help_ = C.flag_name(f), f.metadata["help"]
+    name, help_ = flag_name(f), f.metadata["help"]
     choices, hint = f.metadata.get("choices"), typing.get_type_hints(cls)[f.name]
     if choices is not None:
       flags.DEFINE_enum(name, f.default, list(choices), help_, flag_values=flag_values)
@@ -55,7 +56,7 @@ def config_from_flags(flag_values: flags.FlagValues) -> C.ExperimentConfig:
   """Parsed flags -> the frozen ExperimentConfig (raises ValueError naming a flag)."""
   groups: dict[str, dict[str, Any]] = {group: {} for group in C.GROUPS}
   for group, cls, f in fields():
-    name = C.flag_name(f)
+    name = flag_name(f)
     value = flag_values[name].value
     element = _element_type(cls, f)
     if element is not None:
