@@ -170,7 +170,8 @@ def table(summary: dict) -> str:
 
 def report(summary: dict, args: Args) -> str:
   """<out>/report.md, the section of docs/RESULTS.md (experiments/ablation.py includes it): how
-  the warm start went, the table, and accuracy at a few budgets. Returns its path."""
+  the warm start went, the table, accuracy at a few budgets, and <out>/notes.md (the account
+  written by hand after the runs) where it exists. Returns its path."""
   ws_path = os.path.join(args.workdir, "warmstart", "warmstart.json")
   lines = ["## A real model: SmolLM2-135M-Instruct, AR-uniform against GRPO", "",
            f"`python experiments/smollm2.py --seeds={','.join(map(str, summary['seeds']))} "
@@ -199,6 +200,10 @@ def report(summary: dict, args: Args) -> str:
   rows += [(LABELS[m], summary[m]["accuracy"]) for m in METHODS if m in summary]
   for label, acc in rows:
     lines.append(f"| {label} | " + " | ".join(f"{acc[i]:.3f}" for i in picks) + " |")
+  notes = os.path.join(args.out, "notes.md")  # written by hand after the runs: what they show
+  if os.path.exists(notes):
+    with open(notes) as f:
+      lines += ["", f.read().strip()]
   path = os.path.join(args.out, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")

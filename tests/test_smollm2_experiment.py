@@ -77,8 +77,10 @@ def test_summary_table_and_plots_from_saved_runs(script, tmp_path):
                      "check_budget": 6},
       "results": {"checks": [[40, 0.5], [60, 0.625]], "steps_run": 60, "train_seconds": 600}}))
   summary["pretrained"] = {"anytime": 0.0, "final": 0.0}
+  (out / "notes.md").write_text("### What this shows\n\nWritten by hand.\n")
   with open(script.report(summary, args)) as f:
     text = f.read()
+  assert text.rstrip().endswith("### What this shows\n\nWritten by hand.")
   assert "held-out greedy accuracy at 6 tokens: 0.500 at step 40, 0.625 at step 60." in text
   assert "SmolLM2 as shipped, evaluated the same way: anytime 0.000, final 0.000." in text
   assert "| accuracy at | 3 tokens | 6 tokens |" in text
