@@ -150,9 +150,9 @@ def summarize(args: Args, start: dict, runs: dict[str, dict[int, dict]],
 
 def table(summary: dict) -> str:
   """Markdown: anytime score, final accuracy, thinking length (mean ± std over seeds)."""
-  def cell(values) -> str:
+  def cell(values, digits: int = 3) -> str:
     v = np.asarray(values, float)
-    return f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if v.size > 1 else "")
+    return f"{v.mean():.{digits}f}" + (f" ± {v.std(ddof=1):.{digits}f}" if v.size > 1 else "")
 
   lines = ["| model | anytime score | final accuracy | mean thinking tokens | s/step |",
            "|---|---|---|---|---|"]
@@ -163,7 +163,7 @@ def table(summary: dict) -> str:
     if method in summary:
       r = summary[method]
       lines.append(f"| {LABELS[method]} ({len(r['anytime'])} seeds) | {cell(r['anytime'])} | "
-                   f"{cell(r['final'])} | {cell(r['thinking_tokens'])} | "
+                   f"{cell(r['final'])} | {cell(r['thinking_tokens'], 1)} | "
                    f"{summary['step_s'][method]:.0f} |")
   return "\n".join(lines)
 
@@ -200,6 +200,9 @@ def report(summary: dict, args: Args) -> str:
   rows += [(LABELS[m], summary[m]["accuracy"]) for m in METHODS if m in summary]
   for label, acc in rows:
     lines.append(f"| {label} | " + " | ".join(f"{acc[i]:.3f}" for i in picks) + " |")
+  docs = os.path.join(ROOT, "docs")  # the images' paths as docs/RESULTS.md, which includes this
+  lines += ["", f"![accuracy against budget]({os.path.relpath(args.out, docs)}/accuracy.png)",
+            "", f"![training curves]({os.path.relpath(args.out, docs)}/training.png)"]
   notes = os.path.join(args.out, "notes.md")  # written by hand after the runs: what they show
   if os.path.exists(notes):
     with open(notes) as f:
@@ -210,8 +213,19 @@ def report(summary: dict, args: Args) -> str:
   return path
 
 
+SMOOTH = 5  # training curves: each point the mean of the last SMOOTH steps (8 thinkings a step)
+
+
+def _running_mean(values: Sequence[float], k: int) -> np.ndarray:
+  """Mean of the last k values at each step (fewer at the start)."""
+  c = np.cumsum(np.asarray(values, float))
+  n = np.arange(1, len(c) + 1)
+  return (c - np.concatenate([np.zeros(k), c[:-k]])[:len(c)]) / np.minimum(n, k)
+
+
 def plot(summary: dict, seeds: list[int], out: str) -> None:
-  """accuracy.png (mean over seeds against budget) and training.png (reward per step)."""
+  """accuracy.png (mean over seeds against budget) and training.png (reward and thinking length
+  per step, as running means: a step's 8 thinkings are a noisy estimate)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -239,10 +253,10 @@ def plot(summary: dict, seeds: list[int], out: str) -> None:
       kw = dict(label=f"{LABELS[method]} seed {seed}", alpha=0.8,
                 color="C1" if method == "ar_uniform" else "C0",
                 linestyle="-" if seed == seeds[0] else "--")
-      axes[0].plot(steps, [x["anytime_score"] for x in m], **kw)
-      axes[1].plot(steps, [x["thinking_len"] for x in m], **kw)
-  axes[0].set_ylabel("training anytime score (mean accuracy over the budgets)")
-  axes[1].set_ylabel("mean thinking tokens")
+      for ax, key in zip(axes, ("anytime_score", "thinking_len")):
+        ax.plot(steps, _running_mean([x[key] for x in m], SMOOTH), **kw)
+  axes[0].set_ylabel(f"training anytime score ({SMOOTH}-step mean)")
+  axes[1].set_ylabel(f"mean thinking tokens ({SMOOTH}-step mean)")
   for ax in axes:
     ax.set_xlabel("RL step")
     ax.grid(alpha=0.3)

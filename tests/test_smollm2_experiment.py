@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 from brpo.run import flags as flags_lib
 from conftest import ROOT
@@ -67,7 +68,8 @@ def test_summary_table_and_plots_from_saved_runs(script, tmp_path):
   assert summary["flagfile"] == "experiments/configs/smollm2_135m_arith.flags"
   table = script.table(summary).splitlines()
   assert table[2].startswith("| step 0 (warm start) | 0.300 | 0.500 |")
-  assert table[4].startswith("| AR-uniform (2 seeds) | 0.405 ± 0.007 | 0.500 ± 0.000 |")
+  assert table[4].startswith("| AR-uniform (2 seeds) | 0.405 ± 0.007 | 0.500 ± 0.000 | "
+                            "20.0 ± 0.0 |")
   script.plot(summary, [0, 1], str(out))
   for name in ("accuracy.png", "training.png"):
     assert os.path.getsize(out / name) > 1000
@@ -85,3 +87,10 @@ def test_summary_table_and_plots_from_saved_runs(script, tmp_path):
   assert "SmolLM2 as shipped, evaluated the same way: anytime 0.000, final 0.000." in text
   assert "| accuracy at | 3 tokens | 6 tokens |" in text
   assert "| AR-uniform | 0.310 | 0.500 |" in text  # the mean over seeds at each budget
+
+
+def test_running_mean_of_the_training_curves(script):
+  values = [1.0, 0.0, 0.5, 1.0, 0.25, 0.75, 0.0]
+  smooth = script._running_mean(values, 3)
+  np.testing.assert_allclose(smooth[2:], np.convolve(values, np.ones(3) / 3, "valid"))
+  np.testing.assert_allclose(smooth[:2], [1.0, 0.5])  # the first steps: the mean so far
