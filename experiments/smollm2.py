@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from typing import Sequence
@@ -134,7 +135,7 @@ def summarize(args: Args, start: dict, runs: dict[str, dict[int, dict]],
   """summary.json: the issue's keys, and mean thinking lengths and step times per method."""
   summary = {"start": {"anytime": start["anytime_score"], "final": start["final_accuracy"],
                        "thinking_tokens": start["mean_thinking_tokens"]},
-             "seeds": seeds, "steps": args.steps, "step_s": {},
+             "seeds": seeds, "steps": args.steps, "extra": list(args.extra), "step_s": {},
              "flagfile": METHODS["ar_uniform"], "flagfiles": METHODS,
              "budgets": start["budgets"], "n_questions": start["n_questions"]}
   for method, by_seed in runs.items():
@@ -146,6 +147,44 @@ def summarize(args: Args, start: dict, runs: dict[str, dict[int, dict]],
     steps = [m["seconds/step"] for s in seeds for m in _metrics(args.out, method, s)]
     summary["step_s"][method] = float(np.median(steps))
   return summary
+
+
+_STEP = re.compile(r"(-?\d+)([+-])(\d+)=(-?\d+)")  # a running sum of the task's gold traces
+
+
+def audit_samples(path: str) -> dict:
+  """What a run's logged eval samples (eval_samples.jsonl: a few questions at every budget) show
+  about its failures, counted over the thinkings that closed before their budget:
+  {"closed": n, "wrong_sum": thinkings with a wrong running sum before their check line,
+   "unfaithful": summaries whose answer is not the thinking's last result, "correct": graded 1}."""
+  with open(path) as f:
+    rows = [json.loads(line) for line in f]
+  closed = [r for r in rows
+            if r["thinking"].rstrip().endswith("</think>") and r["thinking_tokens"] < r["budget"]]
+  audit = {"closed": len(closed), "wrong_sum": 0, "unfaithful": 0,
+           "correct": int(sum(r["grade"] for r in closed))}
+  for r in closed:
+    sums = _STEP.findall(r["thinking"].split("check")[0])
+    audit["wrong_sum"] += any(int(a) + (int(b) if op == "+" else -int(b)) != int(c)
+                              for a, op, b, c in sums)
+    results = re.findall(r"=(-?\d+)", r["thinking"])
+    audit["unfaithful"] += bool(results) and results[-1] != r["extracted_answer"]
+  return audit
+
+
+def audit_table(out: str, methods: Sequence[str], seeds: Sequence[int]) -> str:
+  """Markdown, a row per run: steps with no gradient (every group tied), and audit_samples."""
+  lines = ["| run | steps without gradient | closed thinkings logged | with a wrong running sum "
+           "| summary off the thinking's result | graded correct |", "|---|---|---|---|---|---|"]
+  rows = [(LABELS["start"], None, os.path.join(out, "start"))]
+  rows += [(f"{LABELS[m]} seed {s}", (m, s), os.path.join(out, m, f"seed{s}"))
+           for m in methods for s in seeds]
+  for label, run, folder in rows:
+    zero = "-" if run is None else sum(x["grad_norm"] == 0 for x in _metrics(out, *run))
+    a = audit_samples(os.path.join(folder, "eval_samples.jsonl"))
+    lines.append(f"| {label} | {zero} | {a['closed']} | {a['wrong_sum']} | {a['unfaithful']} | "
+                 f"{a['correct']} |")
+  return "\n".join(lines)
 
 
 def table(summary: dict) -> str:
@@ -175,7 +214,9 @@ def report(summary: dict, args: Args) -> str:
   ws_path = os.path.join(args.workdir, "warmstart", "warmstart.json")
   lines = ["## A real model: SmolLM2-135M-Instruct, AR-uniform against GRPO", "",
            f"`python experiments/smollm2.py --seeds={','.join(map(str, summary['seeds']))} "
-           f"--steps={summary['steps']}`: `{summary['flagfile']}` (AR-uniform) and "
+           f"--steps={summary['steps']}"
+           + "".join(f" --extra={e}" for e in summary.get("extra", []))
+           + f"`: `{summary['flagfile']}` (AR-uniform) and "
            f"`{summary['flagfiles']['grpo']}` (GRPO) from one warm start, evaluated on "
            f"{summary['n_questions']} held-out questions at {len(summary['budgets'])} budgets "
            f"({summary['budgets'][0]} to {summary['budgets'][-1]} tokens).", ""]
@@ -200,6 +241,14 @@ def report(summary: dict, args: Args) -> str:
   rows += [(LABELS[m], summary[m]["accuracy"]) for m in METHODS if m in summary]
   for label, acc in rows:
     lines.append(f"| {label} | " + " | ".join(f"{acc[i]:.3f}" for i in picks) + " |")
+  logged = os.path.join(args.out, "start", "eval_samples.jsonl")
+  if os.path.exists(logged):
+    with open(logged) as f:
+      shown = len({json.loads(line)["question_index"] for line in f})
+    lines += ["", f"Each run's logged samples (eval_samples.jsonl: the first {shown} held-out "
+              "questions at every budget), the thinkings that closed before their budget "
+              "(`experiments/smollm2.py`, `audit_samples`):", "",
+              audit_table(args.out, [m for m in METHODS if m in summary], summary["seeds"])]
   docs = os.path.join(ROOT, "docs")  # the images' paths as docs/RESULTS.md, which includes this
   lines += ["", f"![accuracy against budget]({os.path.relpath(args.out, docs)}/accuracy.png)",
             "", f"![training curves]({os.path.relpath(args.out, docs)}/training.png)"]
@@ -252,7 +301,7 @@ def plot(summary: dict, seeds: list[int], out: str) -> None:
       steps = [x["step"] for x in m]
       kw = dict(label=f"{LABELS[method]} seed {seed}", alpha=0.8,
                 color="C1" if method == "ar_uniform" else "C0",
-                linestyle="-" if seed == seeds[0] else "--")
+                linestyle=("-", "--", ":", "-.")[seeds.index(seed) % 4])
       for ax, key in zip(axes, ("anytime_score", "thinking_len")):
         ax.plot(steps, _running_mean([x[key] for x in m], SMOOTH), **kw)
   axes[0].set_ylabel(f"training anytime score ({SMOOTH}-step mean)")

@@ -55,7 +55,7 @@ def test_summary_table_and_plots_from_saved_runs(script, tmp_path):
       os.makedirs(d)
       runs.setdefault(method, {})[seed] = _eval(base + 0.01 * seed, 0.5)
       lines = [{"step": s, "loss": 0.1, "anytime_score": 0.3, "thinking_len": 20.0,
-                "seconds/step": 10.0 + seed} for s in (1, 2)]
+                "seconds/step": 10.0 + seed, "grad_norm": 0.1 * (s - 1)} for s in (1, 2)]
       lines.insert(1, {"step": 1, "eval/anytime_score": 0.3})  # a periodic eval line: skipped
       (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
   args = script.Args(out=str(out), workdir=str(tmp_path / "work"), steps=2)
@@ -80,6 +80,10 @@ def test_summary_table_and_plots_from_saved_runs(script, tmp_path):
       "results": {"checks": [[40, 0.5], [60, 0.625]], "steps_run": 60, "train_seconds": 600}}))
   summary["pretrained"] = {"anytime": 0.0, "final": 0.0}
   (out / "notes.md").write_text("### What this shows\n\nWritten by hand.\n")
+  sample = {"budget": 6, "question_index": 0, "thinking": "2+3=5\n</think>", "thinking_tokens": 4,
+            "extracted_answer": "5", "grade": 1.0}
+  for folder in ["start"] + [f"{m}/seed{s}" for m in ("grpo", "ar_uniform") for s in (0, 1)]:
+    (out / folder / "eval_samples.jsonl").write_text(json.dumps(sample) + "\n")
   with open(script.report(summary, args)) as f:
     text = f.read()
   assert text.rstrip().endswith("### What this shows\n\nWritten by hand.")
@@ -87,6 +91,9 @@ def test_summary_table_and_plots_from_saved_runs(script, tmp_path):
   assert "SmolLM2 as shipped, evaluated the same way: anytime 0.000, final 0.000." in text
   assert "| accuracy at | 3 tokens | 6 tokens |" in text
   assert "| AR-uniform | 0.310 | 0.500 |" in text  # the mean over seeds at each budget
+  assert "the first 1 held-out questions at every budget" in text
+  assert "| step 0 (warm start) | - | 1 | 0 | 0 | 1 |" in text
+  assert "| GRPO seed 1 | 1 | 1 | 0 | 0 | 1 |" in text  # step 1 had no gradient
 
 
 def test_running_mean_of_the_training_curves(script):
@@ -94,3 +101,22 @@ def test_running_mean_of_the_training_curves(script):
   smooth = script._running_mean(values, 3)
   np.testing.assert_allclose(smooth[2:], np.convolve(values, np.ones(3) / 3, "valid"))
   np.testing.assert_allclose(smooth[:2], [1.0, 0.5])  # the first steps: the mean so far
+
+
+def _sample(budget, thinking, tokens, answer, grade):
+  return {"budget": budget, "question_index": 0, "thinking": thinking,
+          "thinking_tokens": tokens, "extracted_answer": answer, "grade": grade}
+
+
+def test_audit_of_the_logged_samples(script, tmp_path):
+  rows = [
+      _sample(6, "sum 5...\n\n...\n\n</think>", 6, "5", 0.0),  # cut at its budget: not counted
+      _sample(48, "5+7=12\n12-3=9\ncheck 5+7-3=9\n</think>", 25, "9", 1.0),  # right, faithful
+      _sample(48, "5+7=12\n12-3=8\ncheck 5+7-3=8\n</think>", 25, "8", 0.0),  # a wrong sum
+      _sample(48, "5+7=12\n12-3=9\n</think>", 20, "17", 0.0),  # the summary ignores the thinking
+      _sample(48, "8-7=1\n1+3=4\n4-2=2\ncheck 8-7+3-2=3\n</think>", 30, "3", 0.0),  # check line
+  ]
+  path = tmp_path / "eval_samples.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  assert script.audit_samples(str(path)) == {"closed": 4, "wrong_sum": 1, "unfaithful": 1,
+                                             "correct": 1}
