@@ -2,8 +2,10 @@
 GRPO, on 2 CPU cores.
 
   python experiments/smollm2.py [--seeds=0,1] [--steps=40] [--out=results/smollm2]
+  python experiments/smollm2.py --extra=--lr=1e-5 --out=results/smollm2_lr1e-5 \
+      --workdir=workdir/smollm2_arith_lr1e-5 --start_workdir=workdir/smollm2_arith   # a variant
 
-1. The warm start (once, in <workdir>/warmstart): SmolLM2 fine-tuned on the arithmetic task's
+1. The warm start (once, in <start_workdir>/warmstart): SmolLM2 fine-tuned on the arithmetic task's
    gold traces through its chat template, stopped at its plateau (`--init=warmstart` with a
    checkpoint --model; brpo.tasks.arith.warmstart.PRETRAINED).
 2. The step-0 model: that warm start evaluated like the runs' final models (--mode=eval).
@@ -50,6 +52,10 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", "workdir/smollm2_arith", "Where the warm start and the runs' "
                       "checkpoints go (relative: to the repository root).")
   flags.DEFINE_list("extra", [], "More flags for every run, e.g. --extra=--eval_size=64.")
+  flags.DEFINE_string("start_workdir", None, "Where the warm start and the step-0 and as-shipped "
+                      "evaluations are made or found (default: --workdir). A variant, e.g. "
+                      "--extra=--lr=1e-5 with its own --out and --workdir, points it at the "
+                      "default's workdir to start from the same model.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +65,17 @@ class Args:
   workdir: str
   steps: int = 40
   extra: tuple[str, ...] = ()
+  start_workdir: str = ""  # the warm start's and step-0 evaluations' folder ("": workdir)
+
+  @property
+  def start(self) -> str:
+    return self.start_workdir or self.workdir
 
   @classmethod
   def from_flags(cls) -> "Args":
     return cls(out=os.path.join(ROOT, FLAGS.out), workdir=os.path.join(ROOT, FLAGS.workdir),
-               steps=FLAGS.steps, extra=tuple(FLAGS.extra))
+               steps=FLAGS.steps, extra=tuple(FLAGS.extra),
+               start_workdir=os.path.join(ROOT, FLAGS.start_workdir or FLAGS.workdir))
 
 
 def config(args: Args, flagfile: str, workdir: str, *more: str):
@@ -71,7 +83,7 @@ def config(args: Args, flagfile: str, workdir: str, *more: str):
 
   return flags_lib.config_from_args(
       [f"--flagfile={flagfile}", f"--workdir={workdir}",
-       f"--warmstart_dir={os.path.join(args.workdir, 'warmstart')}", "--progress=false",
+       f"--warmstart_dir={os.path.join(args.start, 'warmstart')}", "--progress=false",
        *more, *[f"--{e.lstrip('-')}" for e in args.extra]], relative_to=ROOT)
 
 
@@ -91,7 +103,7 @@ def run_start(args: Args) -> dict:
   """The warm start (made here the first time) evaluated at step 0."""
   from brpo.run import runner
 
-  workdir = os.path.join(args.workdir, "start")
+  workdir = os.path.join(args.start, "start")
   done = os.path.join(workdir, "eval.json")
   if not os.path.exists(done):
     runner.main(config(args, METHODS["ar_uniform"], workdir, "--mode=eval"))
@@ -103,7 +115,7 @@ def run_pretrained(args: Args) -> dict:
   """SmolLM2 as shipped (no warm start), evaluated like the runs: what the task asks of it."""
   from brpo.run import runner
 
-  workdir = os.path.join(args.workdir, "pretrained")
+  workdir = os.path.join(args.start, "pretrained")
   done = os.path.join(workdir, "eval.json")
   if not os.path.exists(done):
     runner.main(config(args, METHODS["ar_uniform"], workdir, "--mode=eval", "--init=checkpoint"))
@@ -140,6 +152,12 @@ def summarize(args: Args, start: dict, runs: dict[str, dict[int, dict]],
              "budgets": start["budgets"], "n_questions": start["n_questions"]}
   for method, by_seed in runs.items():
     res = [by_seed[s] for s in seeds]
+    for seed, r in zip(seeds, res):  # a table compares like with like, or not at all
+      for key in ("budgets", "n_questions", "eval_data"):
+        if r.get(key) != start.get(key):
+          raise ValueError(f"{method} seed {seed} was evaluated with {key}={r.get(key)!r}, the "
+                           f"step-0 model with {start.get(key)!r}: --extra changed the "
+                           f"evaluation, so give it its own --start_workdir")
     summary[method] = {"anytime": [r["anytime_score"] for r in res],
                        "final": [r["final_accuracy"] for r in res],
                        "thinking_tokens": [r["mean_thinking_tokens"] for r in res],
@@ -211,11 +229,13 @@ def report(summary: dict, args: Args) -> str:
   """<out>/report.md, the section of docs/RESULTS.md (experiments/ablation.py includes it): how
   the warm start went, the table, accuracy at a few budgets, and <out>/notes.md (the account
   written by hand after the runs) where it exists. Returns its path."""
-  ws_path = os.path.join(args.workdir, "warmstart", "warmstart.json")
+  ws_path = os.path.join(args.start, "warmstart", "warmstart.json")
   lines = ["## A real model: SmolLM2-135M-Instruct, AR-uniform against GRPO", "",
            f"`python experiments/smollm2.py --seeds={','.join(map(str, summary['seeds']))} "
            f"--steps={summary['steps']}"
            + "".join(f" --extra={e}" for e in summary.get("extra", []))
+           + (f" --start_workdir={os.path.relpath(args.start, ROOT)}"
+              if args.start != args.workdir else "")
            + f"`: `{summary['flagfile']}` (AR-uniform) and "
            f"`{summary['flagfiles']['grpo']}` (GRPO) from one warm start, evaluated on "
            f"{summary['n_questions']} held-out questions at {len(summary['budgets'])} budgets "
@@ -338,7 +358,7 @@ def main(argv: Sequence[str]) -> None:
   summary["pretrained"] = {"anytime": pre["anytime_score"], "final": pre["final_accuracy"]}
   with open(os.path.join(args.out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
-  ws = os.path.join(args.workdir, "warmstart", "warmstart.json")
+  ws = os.path.join(args.start, "warmstart", "warmstart.json")
   if os.path.exists(ws):
     shutil.copy(ws, os.path.join(args.out, "warmstart.json"))
   plot(summary, seeds, args.out)

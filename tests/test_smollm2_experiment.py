@@ -120,3 +120,11 @@ def test_audit_of_the_logged_samples(script, tmp_path):
   path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
   assert script.audit_samples(str(path)) == {"closed": 4, "wrong_sum": 1, "unfaithful": 1,
                                              "correct": 1}
+
+
+def test_runs_evaluated_unlike_the_start_are_refused(script, tmp_path):
+  args = script.Args(out=str(tmp_path), workdir=str(tmp_path / "work"), steps=2)
+  assert args.start == args.workdir  # no --start_workdir: the warm start is made beside the runs
+  with pytest.raises(ValueError, match="ar_uniform seed 0 was evaluated with budgets=.*--extra "
+                     "changed the evaluation"):
+    script.summarize(args, _eval(0.3, 0.5), {"ar_uniform": {0: _eval(0.4, 0.5, (4, 8))}}, [0])
