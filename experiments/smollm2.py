@@ -230,7 +230,8 @@ def report(summary: dict, args: Args) -> str:
   the warm start went, the table, accuracy at a few budgets, and <out>/notes.md (the account
   written by hand after the runs) where it exists. Returns its path."""
   ws_path = os.path.join(args.start, "warmstart", "warmstart.json")
-  lines = ["## A real model: SmolLM2-135M-Instruct, AR-uniform against GRPO", "",
+  variant = f", {' '.join(summary['extra'])}" if summary.get("extra") else ""
+  lines = [f"## A real model: SmolLM2-135M-Instruct, AR-uniform against GRPO{variant}", "",
            f"`python experiments/smollm2.py --seeds={','.join(map(str, summary['seeds']))} "
            f"--steps={summary['steps']}"
            + "".join(f" --extra={e}" for e in summary.get("extra", []))

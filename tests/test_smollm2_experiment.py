@@ -94,6 +94,15 @@ def test_summary_table_and_plots_from_saved_runs(script, tmp_path):
   assert "the first 1 held-out questions at every budget" in text
   assert "| step 0 (warm start) | - | 1 | 0 | 0 | 1 |" in text
   assert "| GRPO seed 1 | 1 | 1 | 0 | 0 | 1 |" in text  # step 1 had no gradient
+  # A variant: its flags in the title and in the command that remakes it.
+  variant = script.Args(out=str(out), workdir=str(tmp_path / "work_lr"), steps=2,
+                        extra=("--lr=1e-5",), start_workdir=str(tmp_path / "work"))
+  with open(script.report(dict(summary, extra=["--lr=1e-5"]), variant)) as f:
+    text = f.read()
+  assert text.startswith("## A real model: SmolLM2-135M-Instruct, AR-uniform against GRPO, "
+                         "--lr=1e-5\n")
+  assert f"--extra=--lr=1e-5 --start_workdir={os.path.relpath(tmp_path / 'work', ROOT)}`" in text
+  assert "held-out greedy accuracy at 6 tokens" in text  # the warm start's, from start_workdir
 
 
 def test_running_mean_of_the_training_curves(script):
