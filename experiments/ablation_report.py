@@ -3,6 +3,7 @@ the ablation writes in results/ (so `ablation.py --report_only` rewrites it with
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -250,9 +251,9 @@ def write_report(args) -> str:
     L += ["", f"Evaluation ({e['n_questions']} questions): anytime score "
           f"{e['anytime_score']:.3f}, final accuracy {e['final_accuracy']:.3f} at budgets "
           f"{e['budgets']}."]
-  # experiments/smollm2.py writes its own section (a real model, AR-uniform against GRPO), and
-  # the hand-written notes follow.
-  for part in (os.path.join(args.out, "smollm2", "report.md"),
+  # experiments/smollm2.py writes its own section (a real model, AR-uniform against GRPO; a
+  # variant of it, e.g. --out=results/smollm2_lr2e-5, one more), and the hand-written notes follow.
+  for part in (*sorted(glob.glob(os.path.join(args.out, "smollm2*", "report.md"))),
                os.path.join(os.path.dirname(args.report), "results_notes.md")):
     if os.path.exists(part):
       with open(part) as f:

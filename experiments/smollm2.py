@@ -127,11 +127,21 @@ def run_one(args: Args, method: str, seed: int) -> dict:
   """One training run to args.steps (resumed if interrupted) -> its final eval.json."""
   from brpo.run import runner
 
+  from brpo.run.config import ExperimentConfig
+
   workdir = os.path.join(args.workdir, method, f"seed{seed}")
   done = os.path.join(workdir, "eval.json")
-  if not (os.path.exists(done) and _read(done).get("step") == args.steps):
-    runner.main(config(args, METHODS[method], workdir, f"--seed={seed}",
-                       f"--steps={args.steps}"))
+  cfg = config(args, METHODS[method], workdir, f"--seed={seed}", f"--steps={args.steps}")
+  if os.path.exists(done) and _read(done).get("step") == args.steps:
+    # Read back only what these flags would train: a changed flagfile or --extra is refused,
+    # as the runner refuses to resume a checkpoint of another config.
+    saved = ExperimentConfig.from_dict(_read(os.path.join(workdir, "config.json")))
+    if saved.training_signature() != cfg.training_signature():
+      diff = runner._signature_diff(saved.training_signature(), cfg.training_signature())
+      raise ValueError(f"{workdir}: a finished run of other settings ({diff}); use another "
+                       "--workdir or the same flags")
+  else:
+    runner.main(cfg)
   _copy(workdir, os.path.join(args.out, method, f"seed{seed}"))
   return _read(done)
 

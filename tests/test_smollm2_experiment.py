@@ -3,6 +3,7 @@ only in the method's settings, and the summary, table and plots come out of save
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -137,3 +138,17 @@ def test_runs_evaluated_unlike_the_start_are_refused(script, tmp_path):
   with pytest.raises(ValueError, match="ar_uniform seed 0 was evaluated with budgets=.*--extra "
                      "changed the evaluation"):
     script.summarize(args, _eval(0.3, 0.5), {"ar_uniform": {0: _eval(0.4, 0.5, (4, 8))}}, [0])
+
+
+def test_a_finished_run_of_other_settings_is_not_read_back(script, tmp_path):
+  args = script.Args(out=str(tmp_path / "out"), workdir=str(tmp_path / "work"), steps=2)
+  workdir = tmp_path / "work" / "grpo" / "seed0"
+  os.makedirs(workdir)
+  (workdir / "eval.json").write_text(json.dumps(_eval(0.3, 0.5)))
+  ran = script.config(args, script.METHODS["grpo"], str(workdir), "--seed=0", "--steps=2")
+  (workdir / "config.json").write_text(ran.to_json())
+  assert script.run_one(args, "grpo", 0)["step"] == 2  # the same settings: read back
+  other = dataclasses.replace(args, extra=("--lr=3e-5",))
+  with pytest.raises(ValueError, match="a finished run of other settings "
+                     rf"\(lr: saved {ran.optim.lr!r}, now 3e-05\)"):
+    script.run_one(other, "grpo", 0)
