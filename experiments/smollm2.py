@@ -183,14 +183,18 @@ _STEP = re.compile(r"(-?\d+)([+-])(\d+)=(-?\d+)")  # a running sum of the task's
 def audit_samples(path: str) -> dict:
   """What a run's logged eval samples (eval_samples.jsonl: a few questions at every budget) show
   about its failures, counted over the thinkings that closed before their budget:
-  {"closed": n, "wrong_sum": thinkings with a wrong running sum before their check line,
-   "unfaithful": summaries whose answer is not the thinking's last result, "correct": graded 1}."""
+  {"closed": n, "restated": thinkings that open by restating the question (`sum 5+7-3`),
+   "checked": thinkings with a check line (`check 5+7-3=9`), "wrong_sum": thinkings with a wrong
+   running sum before their check line, "unfaithful": summaries whose answer is not the
+   thinking's last result, "correct": graded 1}."""
   with open(path) as f:
     rows = [json.loads(line) for line in f]
   closed = [r for r in rows
             if r["thinking"].rstrip().endswith("</think>") and r["thinking_tokens"] < r["budget"]]
-  audit = {"closed": len(closed), "wrong_sum": 0, "unfaithful": 0,
-           "correct": int(sum(r["grade"] for r in closed))}
+  audit = {"closed": len(closed),
+           "restated": sum(r["thinking"].lstrip().startswith("sum ") for r in closed),
+           "checked": sum("\ncheck " in "\n" + r["thinking"] for r in closed),
+           "wrong_sum": 0, "unfaithful": 0, "correct": int(sum(r["grade"] for r in closed))}
   for r in closed:
     sums = _STEP.findall(r["thinking"].split("check")[0])
     audit["wrong_sum"] += any(int(a) + (int(b) if op == "+" else -int(b)) != int(c)
@@ -202,16 +206,17 @@ def audit_samples(path: str) -> dict:
 
 def audit_table(out: str, methods: Sequence[str], seeds: Sequence[int]) -> str:
   """Markdown, a row per run: steps with no gradient (every group tied), and audit_samples."""
-  lines = ["| run | steps without gradient | closed thinkings logged | with a wrong running sum "
-           "| summary off the thinking's result | graded correct |", "|---|---|---|---|---|---|"]
+  lines = ["| run | steps without gradient | closed thinkings logged | restating the question "
+           "| with a check line | with a wrong running sum | summary off the thinking's result "
+           "| graded correct |", "|---|---|---|---|---|---|---|---|"]
   rows = [(LABELS["start"], None, os.path.join(out, "start"))]
   rows += [(f"{LABELS[m]} seed {s}", (m, s), os.path.join(out, m, f"seed{s}"))
            for m in methods for s in seeds]
   for label, run, folder in rows:
     zero = "-" if run is None else sum(x["grad_norm"] == 0 for x in _metrics(out, *run))
     a = audit_samples(os.path.join(folder, "eval_samples.jsonl"))
-    lines.append(f"| {label} | {zero} | {a['closed']} | {a['wrong_sum']} | {a['unfaithful']} | "
-                 f"{a['correct']} |")
+    lines.append(f"| {label} | {zero} | {a['closed']} | {a['restated']} | {a['checked']} | "
+                 f"{a['wrong_sum']} | {a['unfaithful']} | {a['correct']} |")
   return "\n".join(lines)
 
 

@@ -93,8 +93,8 @@ def test_summary_table_and_plots_from_saved_runs(script, tmp_path):
   assert "| accuracy at | 3 tokens | 6 tokens |" in text
   assert "| AR-uniform | 0.310 | 0.500 |" in text  # the mean over seeds at each budget
   assert "the first 1 held-out questions at every budget" in text
-  assert "| step 0 (warm start) | - | 1 | 0 | 0 | 1 |" in text
-  assert "| GRPO seed 1 | 1 | 1 | 0 | 0 | 1 |" in text  # step 1 had no gradient
+  assert "| step 0 (warm start) | - | 1 | 0 | 0 | 0 | 0 | 1 |" in text
+  assert "| GRPO seed 1 | 1 | 1 | 0 | 0 | 0 | 0 | 1 |" in text  # step 1 had no gradient
   # A variant: its flags in the title and in the command that remakes it.
   variant = script.Args(out=str(out), workdir=str(tmp_path / "work_lr"), steps=2,
                         extra=("--lr=1e-5",), start_workdir=str(tmp_path / "work"))
@@ -123,13 +123,13 @@ def test_audit_of_the_logged_samples(script, tmp_path):
       _sample(6, "sum 5...\n\n...\n\n</think>", 6, "5", 0.0),  # cut at its budget: not counted
       _sample(48, "5+7=12\n12-3=9\ncheck 5+7-3=9\n</think>", 25, "9", 1.0),  # right, faithful
       _sample(48, "5+7=12\n12-3=8\ncheck 5+7-3=8\n</think>", 25, "8", 0.0),  # a wrong sum
-      _sample(48, "5+7=12\n12-3=9\n</think>", 20, "17", 0.0),  # the summary ignores the thinking
+      _sample(48, "sum 5+7-3\n5+7=12\n12-3=9\n</think>", 20, "17", 0.0),  # the summary ignores it
       _sample(48, "8-7=1\n1+3=4\n4-2=2\ncheck 8-7+3-2=3\n</think>", 30, "3", 0.0),  # check line
   ]
   path = tmp_path / "eval_samples.jsonl"
   path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-  assert script.audit_samples(str(path)) == {"closed": 4, "wrong_sum": 1, "unfaithful": 1,
-                                             "correct": 1}
+  assert script.audit_samples(str(path)) == {"closed": 4, "restated": 1, "checked": 3,
+                                             "wrong_sum": 1, "unfaithful": 1, "correct": 1}
 
 
 def test_runs_evaluated_unlike_the_start_are_refused(script, tmp_path):
