@@ -1,9 +1,9 @@
 """A real pretrained model learns anytime reasoning: SmolLM2-135M-Instruct, AR-uniform against
 GRPO, on 2 CPU cores.
 
-  python experiments/smollm2.py [--seeds=0,1] [--steps=40] [--out=results/smollm2]
-  python experiments/smollm2.py --extra=--lr=1e-5 --out=results/smollm2_lr1e-5 \
-      --workdir=workdir/smollm2_arith_lr1e-5 --start_workdir=workdir/smollm2_arith   # a variant
+  python experiments/smollm2.py [--seeds=0,1,2] [--steps=40] [--out=results/smollm2]
+  python experiments/smollm2.py --extra=--lr=2e-5 --out=results/smollm2_lr2e-5 \
+      --workdir=workdir/smollm2_arith_lr2e-5 --start_workdir=workdir/smollm2_arith   # a variant
 
 1. The warm start (once, in <start_workdir>/warmstart): SmolLM2 fine-tuned on the arithmetic task's
    gold traces through its chat template, stopped at its plateau (`--init=warmstart` with a
@@ -44,7 +44,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """This script's flags; defined when it runs, so that importing it defines none."""
-  flags.DEFINE_list("seeds", ["0", "1"], "Seeds of each method.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of each method.")
   flags.DEFINE_list("methods", list(METHODS), "Methods to run, in order.")
   flags.DEFINE_integer("steps", 40, "RL steps per run.")
   flags.DEFINE_string("out", "results/smollm2", "Results folder (relative: to the repository "
@@ -54,7 +54,7 @@ def define_flags() -> None:
   flags.DEFINE_list("extra", [], "More flags for every run, e.g. --extra=--eval_size=64.")
   flags.DEFINE_string("start_workdir", None, "Where the warm start and the step-0 and as-shipped "
                       "evaluations are made or found (default: --workdir). A variant, e.g. "
-                      "--extra=--lr=1e-5 with its own --out and --workdir, points it at the "
+                      "--extra=--lr=2e-5 with its own --out and --workdir, points it at the "
                       "default's workdir to start from the same model.")
 
 
